@@ -1,0 +1,4 @@
+//! The sluice benchmark harness.
+#![forbid(unsafe_code)]
+
+fn main() {}

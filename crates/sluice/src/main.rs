@@ -1,0 +1,4 @@
+//! The `sluice` binary.
+#![forbid(unsafe_code)]
+
+fn main() {}
