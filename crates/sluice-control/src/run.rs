@@ -1,0 +1,242 @@
+//! `sluice run`: bind, spawn the workers, then serve signals and worker
+//! events until shutdown.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use sluice_config::{Config, Protocol, Service, Workers};
+use sluice_dataplane::{spawn_worker, WorkerConfig, WorkerEvent, WorkerHandle, WorkerMsg};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::registry::Registry;
+use crate::signals::Signals;
+
+/// What `sluice run` was asked to do.
+#[derive(Debug)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub config: Config,
+    /// `--workers N` (overrides the file).
+    pub workers: Option<usize>,
+}
+
+/// A start-up failure (exit code 3). `Display` is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({protocol}) for service {service}: {source}")]
+    Bind { service: String, addr: SocketAddr, protocol: &'static str, source: io::Error },
+    #[error("cannot start {what}: {source}")]
+    Spawn { what: &'static str, source: io::Error },
+}
+
+/// The listeners of one (service, address), one socket per worker.
+pub(crate) enum Bound {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
+}
+
+const BACKLOG: i32 = 4096;
+
+/// Bind `addr` once per worker (SO_REUSEPORT).
+pub(crate) fn bind(service: &Service, addr: SocketAddr, workers: usize) -> Result<Bound, StartError> {
+    let err = |source, protocol| StartError::Bind { service: service.name.clone(), addr, protocol, source };
+    match service.protocol {
+        Protocol::Tcp => (0..workers)
+            .map(|_| sluice_uring::socket::tcp_listener(addr, BACKLOG).map_err(|e| err(e, "tcp")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Bound::Tcp),
+        Protocol::Udp => (0..workers)
+            .map(|_| sluice_uring::socket::udp_socket(addr).map_err(|e| err(e, "udp")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Bound::Udp),
+    }
+}
+
+/// Hand the per-worker sockets of one listener to the workers.
+pub(crate) fn hand_over(workers: &[WorkerHandle], service: &str, addr: SocketAddr, bound: Bound) {
+    match bound {
+        Bound::Tcp(sockets) => {
+            for (w, socket) in workers.iter().zip(sockets) {
+                w.send(WorkerMsg::AddTcpListener { service: service.to_string(), addr, socket });
+            }
+        }
+        Bound::Udp(sockets) => {
+            for (w, socket) in workers.iter().zip(sockets) {
+                w.send(WorkerMsg::AddUdpListener { service: service.to_string(), addr, socket });
+            }
+        }
+    }
+}
+
+pub(crate) fn worker_count(config: &Config, cli: Option<usize>) -> usize {
+    cli.unwrap_or(match config.workers {
+        Workers::Auto => sluice_uring::sys::online_cpus(),
+        Workers::Count(n) => n.get(),
+    })
+}
+
+/// The running control state.
+pub(crate) struct Control {
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub services: Vec<Arc<Service>>,
+    pub registry: Registry,
+    pub workers: Vec<WorkerHandle>,
+    pub worker_count: usize,
+}
+
+impl Control {
+    pub fn broadcast(&self, msg: impl Fn() -> WorkerMsg) {
+        for w in &self.workers {
+            w.send(msg());
+        }
+    }
+
+    /// Rebuild and publish the routes of one service.
+    pub fn publish(&mut self, service: &str) {
+        if let Some(svc) = self.services.iter().find(|s| s.name == service).cloned() {
+            let routes = self.registry.routes(&svc);
+            self.broadcast(|| WorkerMsg::Routes(vec![routes.clone()]));
+        }
+    }
+}
+
+/// Run sluice until SIGTERM/SIGINT and the drain that follows. Blocks the
+/// calling thread (which becomes the control thread). The caller must have
+/// called [`crate::signals::block`] before any thread was spawned.
+pub fn run(opts: RunOptions) -> Result<(), StartError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Spawn { what: "the control runtime", source })?;
+    rt.block_on(run_async(opts))
+}
+
+async fn run_async(opts: RunOptions) -> Result<(), StartError> {
+    let RunOptions { config_path, config, workers } = opts;
+    let n = worker_count(&config, workers);
+    let mut signals = Signals::start().map_err(|source| StartError::Spawn { what: "signal handling", source })?;
+
+    // Bind everything first: a bind failure must stop start-up before any
+    // worker runs.
+    let services: Vec<Arc<Service>> = config.services.iter().cloned().map(Arc::new).collect();
+    let mut bound = Vec::new();
+    for svc in &services {
+        for &addr in &svc.listen {
+            bound.push((svc.name.clone(), addr, bind(svc, addr, n)?));
+        }
+    }
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let handle = spawn_worker(WorkerConfig::new(i, n), events_tx.clone())
+            .map_err(|source| StartError::Spawn { what: "a worker thread", source })?;
+        handles.push(handle);
+    }
+    drop(events_tx);
+
+    let mut control = Control {
+        config_path,
+        config,
+        services,
+        registry: Registry::new(n),
+        workers: handles,
+        worker_count: n,
+    };
+    let all: Vec<_> = control.services.clone().iter().map(|s| control.registry.routes(s)).collect();
+    control.broadcast(|| WorkerMsg::Routes(all.clone()));
+    for (service, addr, b) in bound {
+        hand_over(&control.workers, &service, addr, b);
+    }
+    let listeners: Vec<String> = control
+        .services
+        .iter()
+        .flat_map(|s| s.listen.iter().map(move |a| format!("{}/{a}", s.name)))
+        .collect();
+    log::info!(
+        "sluice started: {} worker(s), {} service(s), listening on {}",
+        n,
+        control.services.len(),
+        listeners.join(", ")
+    );
+
+    serve(&mut control, &mut signals, events_rx).await;
+    Ok(())
+}
+
+async fn serve(control: &mut Control, signals: &mut Signals, mut events: UnboundedReceiver<WorkerEvent>) {
+    loop {
+        tokio::select! {
+            sig = signals.recv() => match sig {
+                Some(Signal::SIGHUP) => {
+                    log::warn!("SIGHUP received: live reload is not available in this build; configuration unchanged");
+                }
+                Some(sig) => {
+                    log::info!("{sig} received, shutting down");
+                    drain(control, &mut events).await;
+                    return;
+                }
+                None => {
+                    log::error!("signal handling stopped; shutting down");
+                    drain(control, &mut events).await;
+                    return;
+                }
+            },
+            ev = events.recv() => match ev {
+                Some(ev) => handle_event(control, ev),
+                None => {
+                    log::error!("all workers are gone; shutting down");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+fn handle_event(_control: &mut Control, ev: WorkerEvent) {
+    match ev {
+        WorkerEvent::ConnectFailed { service, backend, why, .. } => {
+            log::debug!("{service}: connect to {backend} failed ({why:?})");
+        }
+        WorkerEvent::ConnectRecovered { .. } => {}
+        WorkerEvent::Exited { worker } => log::debug!("worker {worker} exited"),
+    }
+}
+
+/// Stop accepting everywhere, let connections finish until
+/// `shutdown_timeout`, then wait for every worker thread.
+async fn drain(control: &mut Control, events: &mut UnboundedReceiver<WorkerEvent>) {
+    let timeout = control.config.shutdown_timeout;
+    let deadline = Instant::now() + timeout;
+    control.broadcast(|| WorkerMsg::Shutdown { deadline });
+    let mut exited: HashMap<usize, bool> = HashMap::new();
+    // Workers close what is left at the deadline; give them a moment more.
+    let limit = tokio::time::Instant::from_std(deadline + Duration::from_secs(2));
+    while exited.len() < control.workers.len() {
+        match tokio::time::timeout_at(limit, events.recv()).await {
+            Ok(Some(WorkerEvent::Exited { worker })) => {
+                exited.insert(worker, true);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for w in std::mem::take(&mut control.workers) {
+        // The thread ends right after its Exited event; wait for it, bounded.
+        while !w.is_finished() && tokio::time::Instant::now() < limit {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if w.is_finished() {
+            w.join();
+        } else {
+            log::warn!("worker {} did not finish draining in time", w.index());
+        }
+    }
+    log::info!("shutdown complete");
+}

@@ -1,0 +1,304 @@
+//! TCP: the accept loop of one listener and the life of one connection.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_balance::{FlowKey, PickCtx};
+use sluice_config::{ProxyProtocol, Transfer};
+use sluice_uring::{op, socket};
+use tokio::sync::watch;
+
+use crate::routes::ServiceRoutes;
+use crate::transfer::{self, End};
+use crate::worker::{now_nanos, ServiceSlot, Worker};
+use crate::{proxy_proto, ConnectFailure};
+
+/// Accepts taken in one go before yielding to other tasks.
+const ACCEPT_BATCH: usize = 64;
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM | libc::ENETDOWN)
+    )
+}
+
+/// Accept connections on `listener` until `stop` flips, then cancel the
+/// pending poll in the kernel and close the listener.
+pub(crate) async fn accept_loop(
+    worker: Rc<Worker>,
+    slot: Rc<ServiceSlot>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let fd = listener.as_raw_fd();
+    let wildcard = addr.ip().is_unspecified();
+    let mut backoff = BACKOFF_MIN;
+    let mut last_warn: Option<Instant> = None;
+    'outer: loop {
+        if *stop.borrow() {
+            break;
+        }
+        // Service-level max_connections: stop accepting (the kernel keeps
+        // new connections in the backlog) until a connection closes.
+        let routes = slot.routes();
+        let max = routes.service.max_connections;
+        if routes.limit.is_full(max) {
+            let released = routes.limit.released.notified();
+            tokio::select! {
+                _ = released => {}
+                // Another worker's close may race the check above.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.changed() => break,
+            }
+            continue;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            if !routes.limit.try_acquire(max) {
+                continue 'outer;
+            }
+            match socket::accept(&listener) {
+                Ok((stream, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    let local = if wildcard { stream.local_addr().unwrap_or(addr) } else { addr };
+                    worker.conn_opened();
+                    tokio_uring::spawn(connection(worker.clone(), slot.clone(), stream, peer, local));
+                }
+                Err(e) => {
+                    routes.limit.release();
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        tokio::select! {
+                            r = op::poll(fd, op::READABLE) => {
+                                if let Err(e) = r {
+                                    log::warn!("listener {addr}: poll failed: {e}");
+                                    tokio::time::sleep(backoff).await;
+                                }
+                            }
+                            _ = stop.changed() => break 'outer,
+                        }
+                    } else if is_transient_accept_error(&e) {
+                        continue;
+                    } else {
+                        // EMFILE/ENFILE and friends: back off instead of
+                        // spinning; connections wait in the backlog.
+                        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                            let hint = if is_resource_error(&e) { " (out of file descriptors or memory)" } else { "" };
+                            log::warn!("listener {addr}: accept failed{hint}: {e}; retrying in {backoff:?}");
+                            last_warn = Some(Instant::now());
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.changed() => break 'outer,
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    continue 'outer;
+                }
+            }
+        }
+        // A full batch: let the new connections run before accepting more.
+        tokio::task::yield_now().await;
+    }
+    op::close(listener).await;
+    log::debug!("worker {}: listener {addr} closed", worker.cfg.index);
+}
+
+/// Why a proxied connection ended (access log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndReason {
+    ClientClose,
+    BackendClose,
+    IdleTimeout,
+    ConnectFailure,
+    NoBackend,
+    Shutdown,
+    Error,
+}
+
+impl EndReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClientClose => "client_close",
+            EndReason::BackendClose => "backend_close",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::ConnectFailure => "connect_failure",
+            EndReason::NoBackend => "no_backend",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Error => "error",
+        }
+    }
+}
+
+/// One client connection, from accept to close.
+async fn connection(
+    worker: Rc<Worker>,
+    slot: Rc<ServiceSlot>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let routes = slot.routes();
+    let started = Instant::now();
+    let outcome = serve(&worker, &slot, &routes, &client, peer, local).await;
+    let (reason, backend, up, down) = match &outcome {
+        Served::Proxied { backend, reason, to_backend, to_client } => {
+            (*reason, Some(*backend), *to_backend, *to_client)
+        }
+        Served::NotProxied(reason) => (*reason, None, 0, 0),
+    };
+    op::close(client).await;
+    if routes.service.access_log {
+        let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+        log::info!(
+            "access service={} client={peer} listener={local} backend={backend} bytes_to_backend={up} bytes_to_client={down} duration_ms={} end={}",
+            routes.name(),
+            started.elapsed().as_millis(),
+            reason.as_str()
+        );
+    }
+    routes.limit.release();
+    worker.conn_closed();
+}
+
+enum Served {
+    Proxied { backend: SocketAddr, reason: EndReason, to_backend: u64, to_client: u64 },
+    NotProxied(EndReason),
+}
+
+async fn serve(
+    worker: &Rc<Worker>,
+    slot: &ServiceSlot,
+    routes: &Arc<ServiceRoutes>,
+    client: &TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Served {
+    let core = worker.cfg.index;
+    let svc = &routes.service;
+    let flow = FlowKey::tcp(peer, local);
+    let mut tried: Vec<u32> = Vec::new();
+    let (id, stream) = loop {
+        let ctx = PickCtx { rand: worker.rand(), now_nanos: now_nanos() };
+        let pick = routes.snapshot.pick(&flow, &ctx, &mut slot.pick.borrow_mut(), &tried);
+        let Some(id) = pick else {
+            if tried.is_empty() {
+                routes.metrics.no_backend.inc(core);
+                return Served::NotProxied(EndReason::NoBackend);
+            }
+            return Served::NotProxied(EndReason::ConnectFailure);
+        };
+        let Some(backend) = routes.backends.get(id as usize) else {
+            return Served::NotProxied(EndReason::Error);
+        };
+        backend.load.active.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        match connect(backend.addr, svc.connect_timeout).await {
+            Ok(stream) => {
+                let took = t0.elapsed().as_nanos() as u64;
+                backend.metrics.connect_duration.observe_nanos(core, took);
+                backend.load.observe(took, now_nanos(), 10_000_000_000);
+                worker.report_connect(&svc.name, backend.addr, None);
+                break (id, stream);
+            }
+            Err(why) => {
+                backend.load.active.fetch_sub(1, Ordering::Relaxed);
+                backend.metrics.connect_errors.inc(core);
+                worker.report_connect(&svc.name, backend.addr, Some(why));
+                log::debug!("{}: connect to {} failed: {why:?}", svc.name, backend.addr);
+                tried.push(id);
+                if tried.len() > svc.connect_retries as usize {
+                    return Served::NotProxied(EndReason::ConnectFailure);
+                }
+            }
+        }
+    };
+    let backend = &routes.backends[id as usize];
+    backend.metrics.connections.inc(core);
+    backend.metrics.active.add(core, 1);
+
+    let header = match svc.proxy_protocol {
+        ProxyProtocol::None => None,
+        ProxyProtocol::V1 => Some(proxy_proto::v1(peer, local)),
+        ProxyProtocol::V2 => Some(proxy_proto::v2(peer, local)),
+    };
+    let result = match header {
+        Some(h) => transfer::write_all(&stream, &h).await.map_err(|_| EndReason::BackendClose),
+        None => Ok(()),
+    };
+    let served = match result {
+        Err(reason) => Served::Proxied { backend: backend.addr, reason, to_backend: 0, to_client: 0 },
+        Ok(()) => {
+            let mode = match svc.transfer {
+                Transfer::Splice => transfer::Mode::Splice,
+                Transfer::Copy => transfer::Mode::Copy,
+                Transfer::Auto => transfer::Mode::Auto,
+            };
+            let stats = transfer::proxy(worker, client, &stream, mode, svc.idle_timeout, backend).await;
+            let reason = match stats.end {
+                End::ClientClosed => EndReason::ClientClose,
+                End::BackendClosed => EndReason::BackendClose,
+                End::Idle => EndReason::IdleTimeout,
+                End::Shutdown => EndReason::Shutdown,
+                End::ClientError => EndReason::ClientClose,
+                End::BackendError => EndReason::BackendClose,
+            };
+            Served::Proxied {
+                backend: backend.addr,
+                reason,
+                to_backend: stats.to_backend,
+                to_client: stats.to_client,
+            }
+        }
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    op::close(stream).await;
+    backend.metrics.active.add(core, -1);
+    backend.load.active.fetch_sub(1, Ordering::Relaxed);
+    served
+}
+
+/// Connect to `addr` within `timeout`. On timeout the pending poll is
+/// cancelled in the kernel and the socket closed before returning.
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
+    let classify = |e: &io::Error| match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+        io::ErrorKind::ConnectionReset => ConnectFailure::Reset,
+        _ => ConnectFailure::Other,
+    };
+    let (stream, done) = socket::connect_start(addr).map_err(|e| classify(&e))?;
+    if !done {
+        let fd = stream.as_raw_fd();
+        match tokio::time::timeout(timeout, op::poll(fd, op::WRITABLE)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                op::close(stream).await;
+                return Err(classify(&e));
+            }
+            Err(_) => {
+                op::close(stream).await;
+                return Err(ConnectFailure::Timeout);
+            }
+        }
+    }
+    match socket::finish_connect(&stream) {
+        Ok(()) => Ok(stream),
+        Err(e) => {
+            let why = classify(&e);
+            op::close(stream).await;
+            Err(why)
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Moving bytes between a client and a backend, both ways at once.
+//!
+//! Readiness model: try the non-blocking syscall; on `WouldBlock` wait with
+//! an io_uring poll, then try again. A direction that reads end-of-stream
+//! shuts down the write side of the other socket (half-close) while the
+//! other direction keeps flowing.
+//!
+//! - `copy`: read into a pooled buffer, write it all out; the buffer goes
+//!   back to the pool between chunks, so idle connections hold none.
+//! - `splice`: socket -> pooled pipe -> socket with inline `splice(2)`; the
+//!   pipe is held only while it has bytes in it. When the pool is empty the
+//!   chunk is copied instead.
+//! - `auto`: copy until a single read fills a large part of the buffer
+//!   (bulk), then splice for the rest of that direction.
+
+use std::cell::Cell;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use sluice_uring::op;
+
+use crate::routes::BackendRoute;
+use crate::worker::Worker;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Splice,
+    Copy,
+    Auto,
+}
+
+/// A read this large in `auto` mode switches the direction to splice.
+const AUTO_SPLICE_THRESHOLD: usize = 64 * 1024;
+/// Bytes a direction moves before it yields to other tasks.
+const YIELD_EVERY: u64 = 4 << 20;
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Both directions finished; the client sent its FIN first.
+    ClientClosed,
+    /// Both directions finished; the backend sent its FIN first.
+    BackendClosed,
+    Idle,
+    Shutdown,
+    ClientError,
+    BackendError,
+}
+
+#[derive(Debug)]
+pub(crate) struct Stats {
+    pub end: End,
+    pub to_backend: u64,
+    pub to_client: u64,
+}
+
+enum PumpError {
+    /// Reading the source failed.
+    Read(io::Error),
+    /// Writing the destination failed.
+    Write(io::Error),
+}
+
+impl std::fmt::Debug for PumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PumpError::Read(e) => write!(f, "read: {e}"),
+            PumpError::Write(e) => write!(f, "write: {e}"),
+        }
+    }
+}
+
+/// Write all of `data` to a non-blocking socket.
+pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match (&*dst).write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                op::poll(dst.as_raw_fd(), op::WRITABLE).await?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Proxy both directions until both are done, one fails, the connection
+/// is idle for `idle`, or the worker's shutdown deadline passes.
+pub(crate) async fn proxy(
+    worker: &Worker,
+    client: &TcpStream,
+    backend_stream: &TcpStream,
+    mode: Mode,
+    idle: Duration,
+    backend: &BackendRoute,
+) -> Stats {
+    let core = worker.cfg.index;
+    let activity = Cell::new(Instant::now());
+    let up = Cell::new(0u64);
+    let down = Cell::new(0u64);
+    let mut hard = worker.hard_stop.subscribe();
+    if *hard.borrow_and_update() {
+        return Stats { end: End::Shutdown, to_backend: 0, to_client: 0 };
+    }
+    let c2b = pump(worker, client, backend_stream, mode, &activity, &up, |n| {
+        backend.metrics.bytes_to_backend.add(core, n)
+    });
+    let b2c = pump(worker, backend_stream, client, mode, &activity, &down, |n| {
+        backend.metrics.bytes_to_client.add(core, n)
+    });
+    tokio::pin!(c2b, b2c);
+    let (mut c2b_done, mut b2c_done) = (false, false);
+    let mut first_fin: Option<End> = None;
+    let end = loop {
+        tokio::select! {
+            r = &mut c2b, if !c2b_done => match r {
+                Ok(()) => {
+                    c2b_done = true;
+                    first_fin.get_or_insert(End::ClientClosed);
+                }
+                Err(e) => {
+                    log::debug!("client -> backend {}: {e:?}", backend.addr);
+                    break if matches!(e, PumpError::Read(_)) { End::ClientError } else { End::BackendError };
+                }
+            },
+            r = &mut b2c, if !b2c_done => match r {
+                Ok(()) => {
+                    b2c_done = true;
+                    first_fin.get_or_insert(End::BackendClosed);
+                }
+                Err(e) => {
+                    log::debug!("backend {} -> client: {e:?}", backend.addr);
+                    break if matches!(e, PumpError::Read(_)) { End::BackendError } else { End::ClientError };
+                }
+            },
+            _ = idle_expired(&activity, idle) => break End::Idle,
+            _ = hard.changed() => break End::Shutdown,
+        }
+        if c2b_done && b2c_done {
+            break first_fin.unwrap_or(End::ClientClosed);
+        }
+    };
+    Stats { end, to_backend: up.get(), to_client: down.get() }
+}
+
+/// Resolves once no byte moved either way for `idle`.
+async fn idle_expired(activity: &Cell<Instant>, idle: Duration) {
+    loop {
+        let deadline = activity.get() + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+enum Round {
+    /// The source has no data now.
+    Again,
+    /// The source reached end-of-stream.
+    Eof,
+    /// `auto` saw a bulk read: switch to splice.
+    Bulk,
+    /// Moved a lot without blocking: yield to other tasks.
+    Busy,
+}
+
+/// One direction: `src` -> `dst` until end-of-stream (then half-close
+/// `dst`) or an error.
+async fn pump(
+    worker: &Worker,
+    src: &TcpStream,
+    dst: &TcpStream,
+    mode: Mode,
+    activity: &Cell<Instant>,
+    count: &Cell<u64>,
+    on_bytes: impl Fn(u64),
+) -> Result<(), PumpError> {
+    let mut splicing = mode == Mode::Splice;
+    let auto = mode == Mode::Auto;
+    loop {
+        let pipe = if splicing { worker.pipes.borrow_mut().get() } else { None };
+        let round = match pipe {
+            Some(mut pipe) => {
+                let r = splice_round(&mut pipe, src, dst, activity, count, &on_bytes).await;
+                worker.pipes.borrow_mut().put(pipe);
+                r?
+            }
+            None => {
+                let mut buf = worker.take_buf();
+                let r = copy_round(&mut buf, src, dst, auto && !splicing, activity, count, &on_bytes).await;
+                worker.put_buf(buf);
+                r?
+            }
+        };
+        match round {
+            Round::Again => {
+                op::poll(src.as_raw_fd(), op::READABLE).await.map_err(PumpError::Read)?;
+            }
+            Round::Eof => {
+                match dst.shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+                return Ok(());
+            }
+            Round::Bulk => splicing = true,
+            Round::Busy => tokio::task::yield_now().await,
+        }
+    }
+}
+
+async fn copy_round(
+    buf: &mut [u8],
+    src: &TcpStream,
+    dst: &TcpStream,
+    watch_bulk: bool,
+    activity: &Cell<Instant>,
+    count: &Cell<u64>,
+    on_bytes: &impl Fn(u64),
+) -> Result<Round, PumpError> {
+    let mut moved = 0u64;
+    loop {
+        match (&*src).read(buf) {
+            Ok(0) => return Ok(Round::Eof),
+            Ok(n) => {
+                write_all(dst, &buf[..n]).await.map_err(PumpError::Write)?;
+                count.set(count.get() + n as u64);
+                on_bytes(n as u64);
+                activity.set(Instant::now());
+                moved += n as u64;
+                if watch_bulk && n >= AUTO_SPLICE_THRESHOLD {
+                    return Ok(Round::Bulk);
+                }
+                if moved >= YIELD_EVERY {
+                    return Ok(Round::Busy);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PumpError::Read(e)),
+        }
+    }
+}
+
+async fn splice_round(
+    pipe: &mut sluice_uring::pipe::Pipe,
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Cell<Instant>,
+    count: &Cell<u64>,
+    on_bytes: &impl Fn(u64),
+) -> Result<Round, PumpError> {
+    let mut moved = 0u64;
+    loop {
+        match pipe.fill_from(src) {
+            Ok(0) => return Ok(Round::Eof),
+            Ok(_) => {
+                while pipe.pending() > 0 {
+                    match pipe.drain_to(dst) {
+                        Ok(n) => {
+                            count.set(count.get() + n as u64);
+                            on_bytes(n as u64);
+                            moved += n as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            op::poll(dst.as_raw_fd(), op::WRITABLE).await.map_err(PumpError::Write)?;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(PumpError::Write(e)),
+                    }
+                }
+                activity.set(Instant::now());
+                if moved >= YIELD_EVERY {
+                    return Ok(Round::Busy);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PumpError::Read(e)),
+        }
+    }
+}
