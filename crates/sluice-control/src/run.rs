@@ -9,10 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use sluice_config::{Config, Protocol, Service, Workers};
-use sluice_dataplane::{spawn_worker, WorkerConfig, WorkerEvent, WorkerHandle, WorkerMsg};
-use tokio::sync::mpsc::UnboundedReceiver;
+use sluice_config::{CheckKind, Config, Protocol, Service, Workers};
+use sluice_dataplane::{
+    spawn_worker, ConnectFailure, ServiceRoutes, WorkerConfig, WorkerEvent, WorkerHandle, WorkerMsg,
+};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
 
+use crate::health::{self, CheckReport, Event, HealthTable, Transition};
 use crate::registry::Registry;
 use crate::signals::Signals;
 
@@ -29,9 +33,17 @@ pub struct RunOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr} ({protocol}) for service {service}: {source}")]
-    Bind { service: String, addr: SocketAddr, protocol: &'static str, source: io::Error },
+    Bind {
+        service: String,
+        addr: SocketAddr,
+        protocol: &'static str,
+        source: io::Error,
+    },
     #[error("cannot start {what}: {source}")]
-    Spawn { what: &'static str, source: io::Error },
+    Spawn {
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 /// The listeners of one (service, address), one socket per worker.
@@ -43,8 +55,17 @@ pub(crate) enum Bound {
 const BACKLOG: i32 = 4096;
 
 /// Bind `addr` once per worker (SO_REUSEPORT).
-pub(crate) fn bind(service: &Service, addr: SocketAddr, workers: usize) -> Result<Bound, StartError> {
-    let err = |source, protocol| StartError::Bind { service: service.name.clone(), addr, protocol, source };
+pub(crate) fn bind(
+    service: &Service,
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Bound, StartError> {
+    let err = |source, protocol| StartError::Bind {
+        service: service.name.clone(),
+        addr,
+        protocol,
+        source,
+    };
     match service.protocol {
         Protocol::Tcp => (0..workers)
             .map(|_| sluice_uring::socket::tcp_listener(addr, BACKLOG).map_err(|e| err(e, "tcp")))
@@ -62,12 +83,20 @@ pub(crate) fn hand_over(workers: &[WorkerHandle], service: &str, addr: SocketAdd
     match bound {
         Bound::Tcp(sockets) => {
             for (w, socket) in workers.iter().zip(sockets) {
-                w.send(WorkerMsg::AddTcpListener { service: service.to_string(), addr, socket });
+                w.send(WorkerMsg::AddTcpListener {
+                    service: service.to_string(),
+                    addr,
+                    socket,
+                });
             }
         }
         Bound::Udp(sockets) => {
             for (w, socket) in workers.iter().zip(sockets) {
-                w.send(WorkerMsg::AddUdpListener { service: service.to_string(), addr, socket });
+                w.send(WorkerMsg::AddUdpListener {
+                    service: service.to_string(),
+                    addr,
+                    socket,
+                });
             }
         }
     }
@@ -80,6 +109,13 @@ pub(crate) fn worker_count(config: &Config, cli: Option<usize>) -> usize {
     })
 }
 
+/// The running checker tasks of one service.
+#[derive(Debug)]
+pub(crate) struct Checkers {
+    generation: u64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
 /// The running control state.
 pub(crate) struct Control {
     pub config_path: PathBuf,
@@ -88,6 +124,12 @@ pub(crate) struct Control {
     pub registry: Registry,
     pub workers: Vec<WorkerHandle>,
     pub worker_count: usize,
+    /// Rise/fall state of every backend (the truth about up/down; the
+    /// registry and the metrics follow it).
+    pub health: HealthTable,
+    checkers: HashMap<String, Checkers>,
+    next_generation: u64,
+    check_tx: UnboundedSender<CheckReport>,
 }
 
 impl Control {
@@ -97,12 +139,158 @@ impl Control {
         }
     }
 
+    /// Build the routes of `service` from the current health state.
+    pub fn routes(&mut self, service: &Arc<Service>) -> Arc<ServiceRoutes> {
+        self.registry.routes(service)
+    }
+
     /// Rebuild and publish the routes of one service.
     pub fn publish(&mut self, service: &str) {
         if let Some(svc) = self.services.iter().find(|s| s.name == service).cloned() {
             let routes = self.registry.routes(&svc);
             self.broadcast(|| WorkerMsg::Routes(vec![routes.clone()]));
         }
+    }
+
+    /// Wait until every worker has applied every message sent so far (or
+    /// `timeout` passes); true when all confirmed.
+    pub async fn sync_workers(&self, timeout: Duration) -> bool {
+        let mut waits = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if w.send(WorkerMsg::Sync(tx)) {
+                waits.push(rx);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut all = true;
+        for rx in waits {
+            all &= matches!(tokio::time::timeout_at(deadline, rx).await, Ok(Ok(())));
+        }
+        all
+    }
+
+    /// Set up the health state of `service` from the running configuration
+    /// (backends that stay keep their state) and (re)start its checkers.
+    pub fn start_checks(&mut self, service: &str) {
+        self.stop_checks(service);
+        let Some(svc) = self.services.iter().find(|s| s.name == service).cloned() else {
+            return;
+        };
+        let transitions = self.health.configure(&svc);
+        self.apply_transitions(service, transitions);
+        if svc.health_check.kind == CheckKind::None {
+            return;
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let tasks = health::spawn_checkers(&svc, generation, &self.check_tx);
+        self.checkers
+            .insert(service.to_string(), Checkers { generation, tasks });
+    }
+
+    pub fn stop_checks(&mut self, service: &str) {
+        if let Some(c) = self.checkers.remove(service) {
+            for t in c.tasks {
+                t.abort();
+            }
+        }
+    }
+
+    fn stop_all_checks(&mut self) {
+        let names: Vec<String> = self.checkers.keys().cloned().collect();
+        for name in names {
+            self.stop_checks(&name);
+        }
+    }
+
+    /// One active check result.
+    fn on_check(&mut self, report: CheckReport) {
+        let current = self.checkers.get(&report.service).map(|c| c.generation);
+        if current != Some(report.generation) {
+            return; // from checkers a reload replaced
+        }
+        let metrics = self
+            .registry
+            .backend_metrics(&report.service, report.backend);
+        let event = match report.outcome {
+            Ok(()) => {
+                metrics
+                    .checks_pass
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Event::Pass
+            }
+            Err(why) => {
+                metrics
+                    .checks_fail
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log::debug!(
+                    "health check of {} ({}) failed: {why}",
+                    report.backend,
+                    report.service
+                );
+                Event::Fail(why)
+            }
+        };
+        if let Some(t) = self.health.observe(&report.service, report.backend, event) {
+            self.apply_transitions(&report.service, vec![(report.backend, t)]);
+        }
+    }
+
+    /// A report from a worker.
+    fn on_worker_event(&mut self, ev: WorkerEvent) {
+        match ev {
+            WorkerEvent::ConnectFailed {
+                service,
+                backend,
+                why,
+                ..
+            } => {
+                log::debug!("{service}: connect to {backend} failed ({why:?})");
+                let event = Event::ConnectFailed(failure_text(why).to_string());
+                if let Some(t) = self.health.observe(&service, backend, event) {
+                    self.apply_transitions(&service, vec![(backend, t)]);
+                }
+            }
+            WorkerEvent::ConnectRecovered {
+                service, backend, ..
+            } => {
+                self.health
+                    .observe(&service, backend, Event::ConnectRecovered);
+            }
+            WorkerEvent::Exited { worker } => log::debug!("worker {worker} exited"),
+        }
+    }
+
+    /// Log health changes of `service`, publish its new routes once, and
+    /// have the workers forget UDP flows on backends that went down.
+    fn apply_transitions(&mut self, service: &str, transitions: Vec<(SocketAddr, Transition)>) {
+        if transitions.is_empty() {
+            return;
+        }
+        for (addr, t) in &transitions {
+            log::info!("backend {addr} of service {service} is {t}");
+            self.registry.set_up(service, *addr, t.is_up());
+        }
+        self.publish(service);
+        for (addr, t) in transitions {
+            if !t.is_up() {
+                self.broadcast(|| WorkerMsg::ForgetBackend {
+                    service: service.to_string(),
+                    backend: addr,
+                });
+            }
+        }
+    }
+}
+
+/// The reason of a worker's connect failure, as the health log says it.
+fn failure_text(why: ConnectFailure) -> &'static str {
+    match why {
+        ConnectFailure::Refused => "connection refused",
+        ConnectFailure::Timeout => "connect timed out",
+        ConnectFailure::Reset => "reset or closed before any byte",
+        ConnectFailure::Other => "connect error",
     }
 }
 
@@ -113,14 +301,24 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| StartError::Spawn { what: "the control runtime", source })?;
+        .map_err(|source| StartError::Spawn {
+            what: "the control runtime",
+            source,
+        })?;
     rt.block_on(run_async(opts))
 }
 
 async fn run_async(opts: RunOptions) -> Result<(), StartError> {
-    let RunOptions { config_path, config, workers } = opts;
+    let RunOptions {
+        config_path,
+        config,
+        workers,
+    } = opts;
     let n = worker_count(&config, workers);
-    let mut signals = Signals::start().map_err(|source| StartError::Spawn { what: "signal handling", source })?;
+    let mut signals = Signals::start().map_err(|source| StartError::Spawn {
+        what: "signal handling",
+        source,
+    })?;
 
     // Bind everything first: a bind failure must stop start-up before any
     // worker runs.
@@ -135,12 +333,18 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
-        let handle = spawn_worker(WorkerConfig::new(i, n), events_tx.clone())
-            .map_err(|source| StartError::Spawn { what: "a worker thread", source })?;
+        let handle =
+            spawn_worker(WorkerConfig::new(i, n), events_tx.clone()).map_err(|source| {
+                StartError::Spawn {
+                    what: "a worker thread",
+                    source,
+                }
+            })?;
         handles.push(handle);
     }
     drop(events_tx);
 
+    let (check_tx, check_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut control = Control {
         config_path,
         config,
@@ -148,8 +352,17 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
         registry: Registry::new(n),
         workers: handles,
         worker_count: n,
+        health: HealthTable::new(),
+        checkers: HashMap::new(),
+        next_generation: 0,
+        check_tx,
     };
-    let all: Vec<_> = control.services.clone().iter().map(|s| control.registry.routes(s)).collect();
+    let all: Vec<_> = control
+        .services
+        .clone()
+        .iter()
+        .map(|s| control.registry.routes(s))
+        .collect();
     control.broadcast(|| WorkerMsg::Routes(all.clone()));
     for (service, addr, b) in bound {
         hand_over(&control.workers, &service, addr, b);
@@ -166,46 +379,63 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
         listeners.join(", ")
     );
 
-    serve(&mut control, &mut signals, events_rx).await;
+    if sluice_uring::sys::enable_tcp_migrate_req() {
+        log::info!("net.ipv4.tcp_migrate_req is on: a listener closed by a reload hands its queued connections to its siblings");
+    } else {
+        log::info!(
+            "net.ipv4.tcp_migrate_req is off and cannot be set: a reload that removes a listener resets the connections queued on it"
+        );
+    }
+    let names: Vec<String> = control.services.iter().map(|s| s.name.clone()).collect();
+    for name in &names {
+        control.start_checks(name);
+    }
+    for s in &control.services {
+        if s.health_check.kind == CheckKind::None {
+            log::info!(
+                "service {}: health_check kind none: no active checks, so passive ejection is off too (nothing could bring an ejected backend back)",
+                s.name
+            );
+        }
+    }
+
+    serve(&mut control, &mut signals, events_rx, check_rx).await;
     Ok(())
 }
 
-async fn serve(control: &mut Control, signals: &mut Signals, mut events: UnboundedReceiver<WorkerEvent>) {
+async fn serve(
+    control: &mut Control,
+    signals: &mut Signals,
+    mut events: UnboundedReceiver<WorkerEvent>,
+    mut checks: tokio::sync::mpsc::UnboundedReceiver<CheckReport>,
+) {
     loop {
         tokio::select! {
             sig = signals.recv() => match sig {
-                Some(Signal::SIGHUP) => {
-                    log::warn!("SIGHUP received: live reload is not available in this build; configuration unchanged");
-                }
+                Some(Signal::SIGHUP) => control.reload().await,
                 Some(sig) => {
                     log::info!("{sig} received, shutting down");
+                    control.stop_all_checks();
                     drain(control, &mut events).await;
                     return;
                 }
                 None => {
                     log::error!("signal handling stopped; shutting down");
+                    control.stop_all_checks();
                     drain(control, &mut events).await;
                     return;
                 }
             },
             ev = events.recv() => match ev {
-                Some(ev) => handle_event(control, ev),
+                Some(ev) => control.on_worker_event(ev),
                 None => {
                     log::error!("all workers are gone; shutting down");
+                    control.stop_all_checks();
                     return;
                 }
             },
+            Some(report) = checks.recv() => control.on_check(report),
         }
-    }
-}
-
-fn handle_event(_control: &mut Control, ev: WorkerEvent) {
-    match ev {
-        WorkerEvent::ConnectFailed { service, backend, why, .. } => {
-            log::debug!("{service}: connect to {backend} failed ({why:?})");
-        }
-        WorkerEvent::ConnectRecovered { .. } => {}
-        WorkerEvent::Exited { worker } => log::debug!("worker {worker} exited"),
     }
 }
 

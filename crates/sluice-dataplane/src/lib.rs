@@ -43,16 +43,30 @@ pub enum WorkerMsg {
     RemoveService(String),
     /// Start accepting on this listener (bound with SO_REUSEPORT for this
     /// worker) for `service`.
-    AddTcpListener { service: String, addr: SocketAddr, socket: std::net::TcpListener },
+    AddTcpListener {
+        service: String,
+        addr: SocketAddr,
+        socket: std::net::TcpListener,
+    },
     /// Start serving this UDP socket (SO_REUSEPORT, PKTINFO) for `service`.
-    AddUdpListener { service: String, addr: SocketAddr, socket: std::net::UdpSocket },
+    AddUdpListener {
+        service: String,
+        addr: SocketAddr,
+        socket: std::net::UdpSocket,
+    },
     /// Close the listener (TCP or UDP) of `service` on `addr`.
     RemoveListener { service: String, addr: SocketAddr },
     /// A backend was marked down or removed: forget UDP flows on it.
-    ForgetBackend { service: String, backend: SocketAddr },
+    ForgetBackend {
+        service: String,
+        backend: SocketAddr,
+    },
     /// Stop accepting now; let connections finish until `deadline`, then
     /// close the rest and end the worker thread.
     Shutdown { deadline: Instant },
+    /// A barrier: answered once every message sent before it is applied
+    /// (the control thread waits for it before logging a reload as done).
+    Sync(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Why a connect attempt to a backend failed.
@@ -69,9 +83,18 @@ pub enum ConnectFailure {
 #[derive(Debug, Clone)]
 pub enum WorkerEvent {
     /// A connect to `backend` failed (passive health).
-    ConnectFailed { worker: usize, service: String, backend: SocketAddr, why: ConnectFailure },
+    ConnectFailed {
+        worker: usize,
+        service: String,
+        backend: SocketAddr,
+        why: ConnectFailure,
+    },
     /// A connect to `backend` succeeded after failures on this worker.
-    ConnectRecovered { worker: usize, service: String, backend: SocketAddr },
+    ConnectRecovered {
+        worker: usize,
+        service: String,
+        backend: SocketAddr,
+    },
     /// The worker finished draining and its thread is about to end.
     Exited { worker: usize },
 }

@@ -15,7 +15,12 @@ pub fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
         (IpAddr::V4(s), IpAddr::V4(d)) => (IpAddr::V4(s), IpAddr::V4(d), "TCP4"),
         (s, d) => (IpAddr::V6(to_v6(s)), IpAddr::V6(to_v6(d)), "TCP6"),
     };
-    format!("PROXY {family} {src_ip} {dst_ip} {} {}\r\n", src.port(), dst.port()).into_bytes()
+    format!(
+        "PROXY {family} {src_ip} {dst_ip} {} {}\r\n",
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
 }
 
 fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
@@ -56,16 +61,25 @@ mod tests {
 
     #[test]
     fn v1_ipv4_and_ipv6() {
-        let h = v1("192.0.2.1:5555".parse().unwrap(), "198.51.100.2:443".parse().unwrap());
+        let h = v1(
+            "192.0.2.1:5555".parse().unwrap(),
+            "198.51.100.2:443".parse().unwrap(),
+        );
         assert_eq!(h, b"PROXY TCP4 192.0.2.1 198.51.100.2 5555 443\r\n");
-        let h = v1("[2001:db8::1]:5555".parse().unwrap(), "[::1]:443".parse().unwrap());
+        let h = v1(
+            "[2001:db8::1]:5555".parse().unwrap(),
+            "[::1]:443".parse().unwrap(),
+        );
         assert_eq!(h, b"PROXY TCP6 2001:db8::1 ::1 5555 443\r\n");
         assert!(h.len() <= 107, "v1 headers are at most 107 bytes");
     }
 
     #[test]
     fn v2_ipv4_layout() {
-        let h = v2("192.0.2.1:5555".parse().unwrap(), "198.51.100.2:443".parse().unwrap());
+        let h = v2(
+            "192.0.2.1:5555".parse().unwrap(),
+            "198.51.100.2:443".parse().unwrap(),
+        );
         assert_eq!(&h[..12], &V2_SIGNATURE);
         assert_eq!(h[12], 0x21);
         assert_eq!(h[13], 0x11);
@@ -79,7 +93,10 @@ mod tests {
 
     #[test]
     fn v2_ipv6_layout() {
-        let h = v2("[2001:db8::1]:1".parse().unwrap(), "[::1]:2".parse().unwrap());
+        let h = v2(
+            "[2001:db8::1]:1".parse().unwrap(),
+            "[::1]:2".parse().unwrap(),
+        );
         assert_eq!(h[13], 0x21);
         assert_eq!(u16::from_be_bytes([h[14], h[15]]), 36);
         assert_eq!(h.len(), 16 + 36);

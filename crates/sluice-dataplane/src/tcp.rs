@@ -24,7 +24,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 fn is_resource_error(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn is_transient_accept_error(e: &io::Error) -> bool {
@@ -72,9 +75,19 @@ pub(crate) async fn accept_loop(
             match socket::accept(&listener) {
                 Ok((stream, peer)) => {
                     backoff = BACKOFF_MIN;
-                    let local = if wildcard { stream.local_addr().unwrap_or(addr) } else { addr };
+                    let local = if wildcard {
+                        stream.local_addr().unwrap_or(addr)
+                    } else {
+                        addr
+                    };
                     worker.conn_opened();
-                    tokio_uring::spawn(connection(worker.clone(), slot.clone(), stream, peer, local));
+                    tokio_uring::spawn(connection(
+                        worker.clone(),
+                        slot.clone(),
+                        stream,
+                        peer,
+                        local,
+                    ));
                 }
                 Err(e) => {
                     routes.limit.release();
@@ -94,7 +107,11 @@ pub(crate) async fn accept_loop(
                         // EMFILE/ENFILE and friends: back off instead of
                         // spinning; connections wait in the backlog.
                         if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                            let hint = if is_resource_error(&e) { " (out of file descriptors or memory)" } else { "" };
+                            let hint = if is_resource_error(&e) {
+                                " (out of file descriptors or memory)"
+                            } else {
+                                ""
+                            };
                             log::warn!("listener {addr}: accept failed{hint}: {e}; retrying in {backoff:?}");
                             last_warn = Some(Instant::now());
                         }
@@ -153,17 +170,21 @@ async fn connection(
     let started = Instant::now();
     let outcome = serve(&worker, &slot, &routes, &client, peer, local).await;
     let (reason, backend, up, down) = match &outcome {
-        Served::Proxied { backend, reason, to_backend, to_client } => {
-            (*reason, Some(*backend), *to_backend, *to_client)
-        }
+        Served::Proxied {
+            backend,
+            reason,
+            to_backend,
+            to_client,
+        } => (*reason, Some(*backend), *to_backend, *to_client),
         Served::NotProxied(reason) => (*reason, None, 0, 0),
     };
     op::close(client).await;
     if routes.service.access_log {
         let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
         log::info!(
-            "access service={} client={peer} listener={local} backend={backend} bytes_to_backend={up} bytes_to_client={down} duration_ms={} end={}",
+            "access service={} worker={} client={peer} listener={local} backend={backend} bytes_to_backend={up} bytes_to_client={down} duration_ms={} end={}",
             routes.name(),
+            worker.cfg.index,
             started.elapsed().as_millis(),
             reason.as_str()
         );
@@ -173,7 +194,12 @@ async fn connection(
 }
 
 enum Served {
-    Proxied { backend: SocketAddr, reason: EndReason, to_backend: u64, to_client: u64 },
+    Proxied {
+        backend: SocketAddr,
+        reason: EndReason,
+        to_backend: u64,
+        to_client: u64,
+    },
     NotProxied(EndReason),
 }
 
@@ -190,8 +216,13 @@ async fn serve(
     let flow = FlowKey::tcp(peer, local);
     let mut tried: Vec<u32> = Vec::new();
     let (id, stream) = loop {
-        let ctx = PickCtx { rand: worker.rand(), now_nanos: now_nanos() };
-        let pick = routes.snapshot.pick(&flow, &ctx, &mut slot.pick.borrow_mut(), &tried);
+        let ctx = PickCtx {
+            rand: worker.rand(),
+            now_nanos: now_nanos(),
+        };
+        let pick = routes
+            .snapshot
+            .pick(&flow, &ctx, &mut slot.pick.borrow_mut(), &tried);
         let Some(id) = pick else {
             if tried.is_empty() {
                 routes.metrics.no_backend.inc(core);
@@ -204,9 +235,21 @@ async fn serve(
         };
         backend.load.active.fetch_add(1, Ordering::Relaxed);
         let t0 = Instant::now();
-        match connect(backend.addr, svc.connect_timeout).await {
+        let attempt = match connect(backend.addr, svc.connect_timeout).await {
             Ok(stream) => {
                 let took = t0.elapsed().as_nanos() as u64;
+                match established(worker, routes, client, &stream, peer, local).await {
+                    Ok(()) => Ok((stream, took)),
+                    Err(why) => {
+                        op::close(stream).await;
+                        Err(why)
+                    }
+                }
+            }
+            Err(why) => Err(why),
+        };
+        match attempt {
+            Ok((stream, took)) => {
                 backend.metrics.connect_duration.observe_nanos(core, took);
                 backend.load.observe(took, now_nanos(), 10_000_000_000);
                 worker.report_connect(&svc.name, backend.addr, None);
@@ -228,39 +271,25 @@ async fn serve(
     backend.metrics.connections.inc(core);
     backend.metrics.active.add(core, 1);
 
-    let header = match svc.proxy_protocol {
-        ProxyProtocol::None => None,
-        ProxyProtocol::V1 => Some(proxy_proto::v1(peer, local)),
-        ProxyProtocol::V2 => Some(proxy_proto::v2(peer, local)),
+    let mode = match svc.transfer {
+        Transfer::Splice => transfer::Mode::Splice,
+        Transfer::Copy => transfer::Mode::Copy,
+        Transfer::Auto => transfer::Mode::Auto,
     };
-    let result = match header {
-        Some(h) => transfer::write_all(&stream, &h).await.map_err(|_| EndReason::BackendClose),
-        None => Ok(()),
+    let stats = transfer::proxy(worker, client, &stream, mode, svc.idle_timeout, backend).await;
+    let reason = match stats.end {
+        End::ClientClosed => EndReason::ClientClose,
+        End::BackendClosed => EndReason::BackendClose,
+        End::Idle => EndReason::IdleTimeout,
+        End::Shutdown => EndReason::Shutdown,
+        End::ClientError => EndReason::ClientClose,
+        End::BackendError => EndReason::BackendClose,
     };
-    let served = match result {
-        Err(reason) => Served::Proxied { backend: backend.addr, reason, to_backend: 0, to_client: 0 },
-        Ok(()) => {
-            let mode = match svc.transfer {
-                Transfer::Splice => transfer::Mode::Splice,
-                Transfer::Copy => transfer::Mode::Copy,
-                Transfer::Auto => transfer::Mode::Auto,
-            };
-            let stats = transfer::proxy(worker, client, &stream, mode, svc.idle_timeout, backend).await;
-            let reason = match stats.end {
-                End::ClientClosed => EndReason::ClientClose,
-                End::BackendClosed => EndReason::BackendClose,
-                End::Idle => EndReason::IdleTimeout,
-                End::Shutdown => EndReason::Shutdown,
-                End::ClientError => EndReason::ClientClose,
-                End::BackendError => EndReason::BackendClose,
-            };
-            Served::Proxied {
-                backend: backend.addr,
-                reason,
-                to_backend: stats.to_backend,
-                to_client: stats.to_client,
-            }
-        }
+    let served = Served::Proxied {
+        backend: backend.addr,
+        reason,
+        to_backend: stats.to_backend,
+        to_client: stats.to_client,
     };
     let _ = stream.shutdown(Shutdown::Both);
     op::close(stream).await;
@@ -269,15 +298,77 @@ async fn serve(
     served
 }
 
+fn classify(e: &io::Error) -> ConnectFailure {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ConnectFailure::Reset,
+        _ => ConnectFailure::Other,
+    }
+}
+
+/// After the handshake with the backend: write the PROXY header if the
+/// service sends one, then wait for the first sign of life from either
+/// side. A backend that resets or closes the connection before any byte
+/// came from it or went to it from the client (its listener accepts and
+/// drops connections: overloaded, shutting down, broken) counts as a failed
+/// connect (`Reset`), so the client is retried on another backend; nothing
+/// was read from the client yet, so nothing is lost or sent twice. The
+/// connection counts as established as soon as the client sends (or
+/// closes), the backend sends its first byte, or `connect_timeout` passes
+/// with both quiet. No latency is added: the first event decides.
+async fn established(
+    worker: &Worker,
+    routes: &ServiceRoutes,
+    client: &TcpStream,
+    backend: &TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<(), ConnectFailure> {
+    let svc = &routes.service;
+    let header = match svc.proxy_protocol {
+        ProxyProtocol::None => None,
+        ProxyProtocol::V1 => Some(proxy_proto::v1(peer, local)),
+        ProxyProtocol::V2 => Some(proxy_proto::v2(peer, local)),
+    };
+    if let Some(h) = header {
+        transfer::write_all(backend, &h)
+            .await
+            .map_err(|e| classify(&e))?;
+    }
+    let mut hard = worker.hard_stop.subscribe();
+    if *hard.borrow_and_update() {
+        return Ok(()); // shutting down: the proxy closes at once
+    }
+    let deadline = tokio::time::Instant::now() + svc.connect_timeout;
+    let mut byte = [0u8; 1];
+    loop {
+        match backend.peek(&mut byte) {
+            Ok(0) => return Err(ConnectFailure::Reset),
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(classify(&e)),
+        }
+        // A poll left behind here completes with the next event on its fd
+        // (both fds are closed with `op::close`, which cancels it first).
+        tokio::select! {
+            biased;
+            r = op::poll(backend.as_raw_fd(), op::READABLE | op::READ_HUP) => {
+                if let Err(e) = r {
+                    return Err(classify(&e));
+                }
+            }
+            _ = op::poll(client.as_raw_fd(), op::READABLE) => return Ok(()),
+            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            _ = hard.changed() => return Ok(()),
+        }
+    }
+}
+
 /// Connect to `addr` within `timeout`. On timeout the pending poll is
 /// cancelled in the kernel and the socket closed before returning.
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
-    let classify = |e: &io::Error| match e.kind() {
-        io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
-        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
-        io::ErrorKind::ConnectionReset => ConnectFailure::Reset,
-        _ => ConnectFailure::Other,
-    };
     let (stream, done) = socket::connect_start(addr).map_err(|e| classify(&e))?;
     if !done {
         let fd = stream.as_raw_fd();

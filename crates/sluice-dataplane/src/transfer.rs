@@ -104,14 +104,24 @@ pub(crate) async fn proxy(
     let down = Cell::new(0u64);
     let mut hard = worker.hard_stop.subscribe();
     if *hard.borrow_and_update() {
-        return Stats { end: End::Shutdown, to_backend: 0, to_client: 0 };
+        return Stats {
+            end: End::Shutdown,
+            to_backend: 0,
+            to_client: 0,
+        };
     }
     let c2b = pump(worker, client, backend_stream, mode, &activity, &up, |n| {
         backend.metrics.bytes_to_backend.add(core, n)
     });
-    let b2c = pump(worker, backend_stream, client, mode, &activity, &down, |n| {
-        backend.metrics.bytes_to_client.add(core, n)
-    });
+    let b2c = pump(
+        worker,
+        backend_stream,
+        client,
+        mode,
+        &activity,
+        &down,
+        |n| backend.metrics.bytes_to_client.add(core, n),
+    );
     tokio::pin!(c2b, b2c);
     let (mut c2b_done, mut b2c_done) = (false, false);
     let mut first_fin: Option<End> = None;
@@ -144,7 +154,11 @@ pub(crate) async fn proxy(
             break first_fin.unwrap_or(End::ClientClosed);
         }
     };
-    Stats { end, to_backend: up.get(), to_client: down.get() }
+    Stats {
+        end,
+        to_backend: up.get(),
+        to_client: down.get(),
+    }
 }
 
 /// Resolves once no byte moved either way for `idle`.
@@ -183,7 +197,11 @@ async fn pump(
     let mut splicing = mode == Mode::Splice;
     let auto = mode == Mode::Auto;
     loop {
-        let pipe = if splicing { worker.pipes.borrow_mut().get() } else { None };
+        let pipe = if splicing {
+            worker.pipes.borrow_mut().get()
+        } else {
+            None
+        };
         let round = match pipe {
             Some(mut pipe) => {
                 let r = splice_round(&mut pipe, src, dst, activity, count, &on_bytes).await;
@@ -192,14 +210,25 @@ async fn pump(
             }
             None => {
                 let mut buf = worker.take_buf();
-                let r = copy_round(&mut buf, src, dst, auto && !splicing, activity, count, &on_bytes).await;
+                let r = copy_round(
+                    &mut buf,
+                    src,
+                    dst,
+                    auto && !splicing,
+                    activity,
+                    count,
+                    &on_bytes,
+                )
+                .await;
                 worker.put_buf(buf);
                 r?
             }
         };
         match round {
             Round::Again => {
-                op::poll(src.as_raw_fd(), op::READABLE).await.map_err(PumpError::Read)?;
+                op::poll(src.as_raw_fd(), op::READABLE)
+                    .await
+                    .map_err(PumpError::Read)?;
             }
             Round::Eof => {
                 match dst.shutdown(Shutdown::Write) {
@@ -269,7 +298,9 @@ async fn splice_round(
                             moved += n as u64;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            op::poll(dst.as_raw_fd(), op::WRITABLE).await.map_err(PumpError::Write)?;
+                            op::poll(dst.as_raw_fd(), op::WRITABLE)
+                                .await
+                                .map_err(PumpError::Write)?;
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(PumpError::Write(e)),

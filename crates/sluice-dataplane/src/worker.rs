@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use tokio::sync::mpsc::UnboundedSender;
 use sluice_balance::PickState;
 use sluice_uring::pipe::PipePool;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{watch, Notify};
 
 use crate::routes::ServiceRoutes;
@@ -103,7 +103,12 @@ pub fn spawn_worker(
     let thread = std::thread::Builder::new()
         .name(format!("sluice-w{index}"))
         .spawn(move || run(cfg, rx, wake, events))?;
-    Ok(WorkerHandle { index, tx, notify, thread: Some(thread) })
+    Ok(WorkerHandle {
+        index,
+        tx,
+        notify,
+        thread: Some(thread),
+    })
 }
 
 /// Process-wide monotonic epoch for `PickCtx::now_nanos` (shared by all
@@ -155,7 +160,10 @@ impl Worker {
     }
 
     pub fn take_buf(&self) -> Vec<u8> {
-        self.bufs.borrow_mut().pop().unwrap_or_else(|| vec![0u8; self.cfg.buf_size])
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.cfg.buf_size])
     }
 
     pub fn put_buf(&self, buf: Vec<u8>) {
@@ -178,7 +186,12 @@ impl Worker {
 
     /// Record a connect result for passive health: every failure is
     /// reported; a success is reported only when it ends a failure streak.
-    pub fn report_connect(&self, service: &str, backend: SocketAddr, failure: Option<crate::ConnectFailure>) {
+    pub fn report_connect(
+        &self,
+        service: &str,
+        backend: SocketAddr,
+        failure: Option<crate::ConnectFailure>,
+    ) {
         let key = (service.to_string(), backend);
         let mut streaks = self.fail_streak.borrow_mut();
         match failure {
@@ -235,9 +248,16 @@ impl Worker {
                     keep
                 });
             }
-            WorkerMsg::AddTcpListener { service, addr, socket } => {
+            WorkerMsg::AddTcpListener {
+                service,
+                addr,
+                socket,
+            } => {
                 let Some(slot) = self.services.borrow().get(&service).cloned() else {
-                    log::error!("worker {}: listener {addr} for unknown service {service}", self.cfg.index);
+                    log::error!(
+                        "worker {}: listener {addr} for unknown service {service}",
+                        self.cfg.index
+                    );
                     return;
                 };
                 let (stop_tx, stop_rx) = watch::channel(false);
@@ -246,7 +266,11 @@ impl Worker {
                 }
                 tokio_uring::spawn(tcp::accept_loop(self.clone(), slot, socket, addr, stop_rx));
             }
-            WorkerMsg::AddUdpListener { service, addr, socket } => {
+            WorkerMsg::AddUdpListener {
+                service,
+                addr,
+                socket,
+            } => {
                 log::error!(
                     "worker {}: UDP listener {addr} of service {service} is not served: UDP is not built yet",
                     self.cfg.index
@@ -259,6 +283,9 @@ impl Worker {
                 }
             }
             WorkerMsg::ForgetBackend { .. } => {}
+            WorkerMsg::Sync(done) => {
+                let _ = done.send(());
+            }
             WorkerMsg::Shutdown { deadline } => {
                 if self.draining.replace(true) {
                     return;
@@ -304,7 +331,8 @@ fn run(
     let index = cfg.index;
     let entries = cfg.ring_entries;
     let pipes = PipePool::new(cfg.max_pipes, cfg.max_pipes / 2, cfg.pipe_size);
-    let seed = 0x9e37_79b9_7f4a_7c15 ^ (index as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ now_nanos();
+    let seed =
+        0x9e37_79b9_7f4a_7c15 ^ (index as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ now_nanos();
     let (hard_stop, _) = watch::channel(false);
     let worker = Rc::new(Worker {
         cfg,
