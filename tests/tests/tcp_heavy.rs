@@ -112,7 +112,8 @@ fn five_thousand_concurrent_connections_and_fds_return_to_baseline() {
             "connection {i}"
         );
     }
-    assert_eq!(echo.accepted(), N, "every connection reached the backend");
+    // (Health checks connect to the backend too.)
+    assert!(echo.accepted() >= N, "every connection reached the backend");
     let busy = lb.fd_count();
     eprintln!("sluice fds: {baseline} idle, {busy} with {N} connections");
     assert!(

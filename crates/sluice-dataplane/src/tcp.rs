@@ -126,7 +126,12 @@ pub(crate) async fn accept_loop(
             }
         }
         // A full batch: let the new connections run before accepting more.
-        tokio::task::yield_now().await;
+        // Wait on a poll rather than yield_now, so the runtime parks and
+        // submits the new connections' operations (see transfer.rs).
+        tokio::select! {
+            _ = op::poll(fd, op::READABLE) => {}
+            _ = stop.changed() => break,
+        }
     }
     op::close(listener).await;
     log::debug!("worker {}: listener {addr} closed", worker.cfg.index);

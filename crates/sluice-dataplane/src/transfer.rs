@@ -225,7 +225,11 @@ async fn pump(
             }
         };
         match round {
-            Round::Again => {
+            // `Busy`: wait on a poll (it completes at once, the source is
+            // readable) rather than yield_now: tokio-uring submits queued
+            // SQEs only when no task is ready, so a flow that always stays
+            // ready would delay every other connection's polls.
+            Round::Again | Round::Busy => {
                 op::poll(src.as_raw_fd(), op::READABLE)
                     .await
                     .map_err(PumpError::Read)?;
@@ -239,7 +243,6 @@ async fn pump(
                 return Ok(());
             }
             Round::Bulk => splicing = true,
-            Round::Busy => tokio::task::yield_now().await,
         }
     }
 }
