@@ -4,10 +4,12 @@
 #   sudo bash scripts/demo.sh              # installs what it needs, then demos
 #   bash scripts/demo.sh [--release]       # if Rust is installed already
 #
-# What it does today: builds sluice (debug; --release for an optimised
-# build, which takes longer) and runs `sluice check` on every example config
-# in configs/, showing each summary. It exits non-zero if any check fails.
-# The live part (real traffic through sluice on loopback) is marked below.
+# What it does: builds sluice (debug; --release for an optimised build,
+# which takes longer), runs `sluice check` on every example config, then a
+# live demo on loopback: two TCP backends behind sluice, connections and
+# where they went, a backend failing over, a SIGHUP reload adding a
+# backend, the admin endpoint, and a clean SIGTERM. It exits non-zero if
+# any step fails.
 #
 # Root is used only to install packages (through scripts/test.sh
 # --install-only); the build and the demo run as the user who called sudo.
@@ -77,12 +79,142 @@ check_configs() {
 }
 
 # ---------------------------------------------------------------------------
-# Live demo: to be written once the data plane runs. It will start backends
-# on loopback (TCP echo servers, knotd resolvers), run sluice in front of
-# them, send TCP connections and DNS queries (kdig, dnsperf) through it, show
-# how the traffic spreads over the backends, reload with SIGHUP, and stop it
-# with SIGTERM. Until then this script shows only real `sluice check` output.
+# Live demo: real traffic through sluice on loopback.
 # ---------------------------------------------------------------------------
+
+DEMO_DIR=""
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    [[ -n "$DEMO_DIR" ]] && rm -rf "$DEMO_DIR"
+}
+
+# A free TCP or UDP port on 127.0.0.1.
+free_port() {
+    python3 -c 'import socket,sys
+s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=="udp" else socket.SOCK_STREAM)
+s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "${1:-tcp}"
+}
+
+# Wait (up to $3 seconds) until file $1 contains text $2.
+wait_for_log() {
+    local file=$1 text=$2 secs=${3:-10} i
+    for ((i = 0; i < secs * 20; i++)); do
+        grep -q -- "$text" "$file" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "--- sluice log:" >&2
+    cat "$file" >&2
+    die "timed out waiting for '$text' in the sluice log"
+}
+
+# Wait until something accepts TCP connections on 127.0.0.1:$1.
+wait_port() {
+    local i
+    for ((i = 0; i < 200; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "nothing listens on 127.0.0.1:$1"
+}
+
+# Connect to sluice on port $1 and print the backend's greeting.
+greeting() {
+    local line
+    exec 3<>"/dev/tcp/127.0.0.1/$1"
+    IFS= read -r -t 5 line <&3 || line="(no answer)"
+    exec 3<&- 3>&-
+    printf '%s\n' "$line"
+}
+
+# Open $2 connections to port $1 and tally which backend answered each.
+send_connections() {
+    local port=$1 n=$2 i
+    for ((i = 1; i <= n; i++)); do
+        greeting "$port"
+    done | sort | uniq -c | sed 's/^/    /'
+}
+
+start_backend() { # name port
+    python3 "$REPO_ROOT/scripts/demo_backend.py" "$1" "$2" &
+    PIDS+=($!)
+    wait_port "$2"
+}
+
+tcp_demo() {
+    DEMO_DIR="$(mktemp -d /tmp/sluice-demo.XXXXXX)"
+    trap cleanup EXIT
+    local lb_port a_port b_port c_port admin_port config log
+    lb_port=$(free_port) a_port=$(free_port) b_port=$(free_port) c_port=$(free_port)
+    admin_port=$(free_port)
+    config="$DEMO_DIR/sluice.yaml" log="$DEMO_DIR/sluice.log"
+
+    say "TCP: two backends (alpha, beta) and sluice in front of them"
+    start_backend alpha "$a_port"
+    start_backend beta "$b_port"
+    write_tcp_config() { # backends...
+        {
+            echo "workers: 2"
+            echo "shutdown_timeout: 5s"
+            echo "admin: { listen: \"127.0.0.1:$admin_port\" }"
+            echo "services:"
+            echo "  - name: web"
+            echo "    protocol: tcp"
+            echo "    listen: [\"127.0.0.1:$lb_port\"]"
+            echo "    balance: round_robin"
+            echo "    health_check: { kind: tcp, interval: 200ms, timeout: 100ms, fall: 2, rise: 2 }"
+            echo "    backends:"
+            local b
+            for b in "$@"; do echo "      - address: \"127.0.0.1:$b\""; done
+        } >"$config.tmp"
+        mv "$config.tmp" "$config"
+    }
+    write_tcp_config "$a_port" "$b_port"
+    sed 's/^/    /' "$config"
+    "$SLUICE" run --config "$config" 2>"$log" &
+    local lb=$!
+    PIDS+=("$lb")
+    wait_for_log "$log" "sluice started"
+    echo "    sluice is listening on 127.0.0.1:$lb_port (pid $lb)"
+
+    say "10 connections through sluice (round_robin): where they went"
+    send_connections "$lb_port" 10
+
+    say "beta dies: the health check marks it down, traffic moves to alpha"
+    kill "${PIDS[1]}"
+    wait_for_log "$log" "is DOWN"
+    grep -- "is DOWN" "$log" | tail -n 1 | sed 's/^/    log: /'
+    send_connections "$lb_port" 6
+
+    say "SIGHUP: reload with a third backend, gamma, added"
+    start_backend gamma "$c_port"
+    write_tcp_config "$a_port" "$b_port" "$c_port"
+    kill -HUP "$lb"
+    wait_for_log "$log" "configuration reloaded"
+    grep -- "configuration reloaded" "$log" | tail -n 1 | sed 's/^/    log: /'
+    send_connections "$lb_port" 10
+
+    say "what the admin endpoint says (GET /metrics, a few lines)"
+    if exec 3<>"/dev/tcp/127.0.0.1/$admin_port"; then
+        printf 'GET /metrics HTTP/1.0\r\nHost: demo\r\n\r\n' >&3
+        grep -E '^sluice_(connections_total|backend_up)\{' <&3 | sed 's/^/    /' || true
+        exec 3<&- 3>&-
+    fi
+
+    say "SIGTERM: sluice stops accepting, finishes, exits"
+    kill -TERM "$lb"
+    local status=0
+    wait "$lb" || status=$?
+    echo "    sluice exited with status $status"
+    ((status == 0)) || die "sluice did not exit cleanly"
+}
 
 main() {
     local arg
@@ -102,6 +234,8 @@ main() {
     prepare "$@"
     build
     check_configs
+    tcp_demo
+    say "demo finished"
 }
 
 main "$@"

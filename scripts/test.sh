@@ -41,6 +41,8 @@ TEST_PACKAGES=(
     dnsperf:dnsperf            # DNS load
     ip:iproute2                # ip, ss: sockets and addresses
     ss:iproute2
+    python3:python3            # seccomp wrapper (tests/fixtures), demo backends
+    prlimit:util-linux         # squeeze sluice's fd limit (EMFILE test)
 )
 
 # The oldest Rust this workspace builds with (Cargo.toml rust-version).

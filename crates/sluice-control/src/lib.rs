@@ -8,7 +8,10 @@
 //! state directly and never moves client bytes.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod health;
 pub mod registry;
+pub mod reload;
 mod run;
 pub mod signals;
 

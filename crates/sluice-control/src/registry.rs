@@ -54,7 +54,10 @@ impl Registry {
     }
 
     pub fn is_up(&self, service: &str, addr: SocketAddr) -> bool {
-        self.up.get(&(service.to_string(), addr)).copied().unwrap_or(true)
+        self.up
+            .get(&(service.to_string(), addr))
+            .copied()
+            .unwrap_or(true)
     }
 
     /// Set a backend's health; returns true when it changed.
@@ -84,7 +87,10 @@ impl Registry {
 
     /// Every metric object, for the scrape (backends and services of the
     /// running configuration, in a stable order).
-    pub fn metrics_of(&self, services: &[Arc<Service>]) -> (Vec<Arc<ServiceMetrics>>, Vec<Arc<BackendMetrics>>) {
+    pub fn metrics_of(
+        &self,
+        services: &[Arc<Service>],
+    ) -> (Vec<Arc<ServiceMetrics>>, Vec<Arc<BackendMetrics>>) {
         let mut svcs = Vec::new();
         let mut backends = Vec::new();
         for s in services {
@@ -115,9 +121,15 @@ impl Registry {
                 let endpoint = Endpoint::from_address(i as u32, b.weight, &b.addr.to_string());
                 members.push(Member::new(endpoint, load.clone(), b.max_connections));
             }
-            backends.push(BackendRoute { addr: b.addr, load, metrics, max_connections: b.max_connections });
+            backends.push(BackendRoute {
+                addr: b.addr,
+                load,
+                metrics,
+                max_connections: b.max_connections,
+            });
         }
-        let snapshot = Snapshot::build(algorithm(service.balance), members, BuildOptions::default());
+        let snapshot =
+            Snapshot::build(algorithm(service.balance), members, BuildOptions::default());
         let limit = self.limits.entry(name.clone()).or_default().clone();
         Arc::new(ServiceRoutes {
             service: service.clone(),
@@ -134,11 +146,13 @@ impl Registry {
             .iter()
             .flat_map(|s| s.backends.iter().map(move |b| (s.name.clone(), b.addr)))
             .collect();
-        let names: std::collections::HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let names: std::collections::HashSet<&str> =
+            services.iter().map(|s| s.name.as_str()).collect();
         self.loads.retain(|k, _| keep.contains(k));
         self.up.retain(|k, _| keep.contains(k));
         self.backend_metrics.retain(|k, _| keep.contains(k));
-        self.service_metrics.retain(|k, _| names.contains(k.as_str()));
+        self.service_metrics
+            .retain(|k, _| names.contains(k.as_str()));
         self.limits.retain(|k, _| names.contains(k.as_str()));
     }
 }

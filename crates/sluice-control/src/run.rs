@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use sluice_config::{CheckKind, Config, Protocol, Service, Workers};
@@ -17,6 +17,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
 use crate::health::{self, CheckReport, Event, HealthTable, Transition};
+use crate::admin::{self, AdminHandle, AdminShared, AdminView};
 use crate::registry::Registry;
 use crate::signals::Signals;
 
@@ -39,6 +40,9 @@ pub enum StartError {
         protocol: &'static str,
         source: io::Error,
     },
+    /// The admin endpoint could not listen (the message names the address).
+    #[error("{0}")]
+    Admin(io::Error),
     #[error("cannot start {what}: {source}")]
     Spawn {
         what: &'static str,
@@ -78,11 +82,26 @@ pub(crate) fn bind(
     }
 }
 
-/// Hand the per-worker sockets of one listener to the workers.
-pub(crate) fn hand_over(workers: &[WorkerHandle], service: &str, addr: SocketAddr, bound: Bound) {
+/// Hand the per-worker sockets of one listener to the workers. Returns a
+/// duplicate of each TCP socket, which the control thread keeps so that it
+/// can stop the listener itself, at once, however busy the workers are
+/// (see [`Control::close_listener`]).
+pub(crate) fn hand_over(
+    workers: &[WorkerHandle],
+    service: &str,
+    addr: SocketAddr,
+    bound: Bound,
+) -> Vec<std::net::TcpListener> {
+    let mut dups = Vec::new();
     match bound {
         Bound::Tcp(sockets) => {
             for (w, socket) in workers.iter().zip(sockets) {
+                match socket.try_clone() {
+                    Ok(dup) => dups.push(dup),
+                    Err(e) => log::warn!(
+                        "listener {addr} of service {service}: cannot keep a handle: {e}"
+                    ),
+                }
                 w.send(WorkerMsg::AddTcpListener {
                     service: service.to_string(),
                     addr,
@@ -100,6 +119,7 @@ pub(crate) fn hand_over(workers: &[WorkerHandle], service: &str, addr: SocketAdd
             }
         }
     }
+    dups
 }
 
 pub(crate) fn worker_count(config: &Config, cli: Option<usize>) -> usize {
@@ -130,9 +150,103 @@ pub(crate) struct Control {
     checkers: HashMap<String, Checkers>,
     next_generation: u64,
     check_tx: UnboundedSender<CheckReport>,
+    /// Duplicates of the workers' TCP listening sockets, by (service,
+    /// address): the control thread stops a listener itself (`shutdown`),
+    /// so new connects are refused the moment it decides, not when a busy
+    /// worker gets to its message.
+    tcp_listeners: HashMap<(String, SocketAddr), Vec<std::net::TcpListener>>,
+    /// What the admin endpoint shows; republished after every reload.
+    pub admin_shared: Arc<AdminShared>,
+    /// The admin endpoint, when `admin:` is configured.
+    pub admin: Option<AdminHandle>,
+    /// When the running configuration was loaded.
+    pub loaded_at: SystemTime,
 }
 
 impl Control {
+    /// Publish a fresh admin view of the running configuration, and move
+    /// the admin endpoint if `admin.listen` changed (a bind failure keeps
+    /// the old endpoint and is logged).
+    pub fn publish_admin(&mut self) {
+        let view = AdminView::from_config(
+            &self.config,
+            &self.config_path,
+            self.loaded_at,
+            self.worker_count,
+            &mut self.registry,
+        );
+        self.admin_shared.publish(Arc::new(view));
+        let want = self.config.admin.as_ref().map(|a| a.listen);
+        let have = self.admin.as_ref().map(|h| h.local_addr());
+        if want == have {
+            return;
+        }
+        match want {
+            None => {
+                if let Some(old) = self.admin.take() {
+                    old.stop();
+                    log::info!("admin endpoint closed");
+                }
+            }
+            Some(addr) => {
+                // The old endpoint may hold the same port on another address
+                // form; stop it first, then bind the new one.
+                if let Some(old) = self.admin.take() {
+                    old.stop();
+                }
+                match admin::start(addr, self.admin_shared.clone()) {
+                    Ok(h) => {
+                        log::info!("admin endpoint listening on {}", h.local_addr());
+                        self.admin = Some(h);
+                    }
+                    Err(e) => log::error!("{e}"),
+                }
+            }
+        }
+    }
+
+    /// Hand a bound listener to the workers, keeping handles on it.
+    pub fn hand_over(&mut self, service: &str, addr: SocketAddr, bound: Bound) {
+        let dups = hand_over(&self.workers, service, addr, bound);
+        if !dups.is_empty() {
+            self.tcp_listeners.insert((service.to_string(), addr), dups);
+        }
+    }
+
+    /// Stop a TCP listener now: `shutdown` takes every per-worker socket of
+    /// it out of the listening state (new connects are refused; connections
+    /// queued on it move to SO_REUSEPORT siblings when tcp_migrate_req is
+    /// on) and the handles are dropped. The workers close their own fds
+    /// when they get the matching message.
+    pub fn close_listener(&mut self, service: &str, addr: SocketAddr) {
+        if let Some(dups) = self.tcp_listeners.remove(&(service.to_string(), addr)) {
+            for l in dups {
+                let _ = socket2::SockRef::from(&l).shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// [`Control::close_listener`] for every listener of `service`.
+    pub fn close_service_listeners(&mut self, service: &str) {
+        let keys: Vec<_> = self
+            .tcp_listeners
+            .keys()
+            .filter(|(s, _)| s == service)
+            .cloned()
+            .collect();
+        for (s, addr) in keys {
+            self.close_listener(&s, addr);
+        }
+    }
+
+    /// [`Control::close_listener`] for every listener.
+    pub fn close_all_listeners(&mut self) {
+        let keys: Vec<_> = self.tcp_listeners.keys().cloned().collect();
+        for (s, addr) in keys {
+            self.close_listener(&s, addr);
+        }
+    }
+
     pub fn broadcast(&self, msg: impl Fn() -> WorkerMsg) {
         for w in &self.workers {
             w.send(msg());
@@ -141,13 +255,19 @@ impl Control {
 
     /// Build the routes of `service` from the current health state.
     pub fn routes(&mut self, service: &Arc<Service>) -> Arc<ServiceRoutes> {
+        // The health table is the truth; a backend it does not know yet (new
+        // in a reload, before its checks start) is up.
+        for b in &service.backends {
+            let up = self.health.is_up(&service.name, b.addr).unwrap_or(true);
+            self.registry.set_up(&service.name, b.addr, up);
+        }
         self.registry.routes(service)
     }
 
     /// Rebuild and publish the routes of one service.
     pub fn publish(&mut self, service: &str) {
         if let Some(svc) = self.services.iter().find(|s| s.name == service).cloned() {
-            let routes = self.registry.routes(&svc);
+            let routes = self.routes(&svc);
             self.broadcast(|| WorkerMsg::Routes(vec![routes.clone()]));
         }
     }
@@ -177,9 +297,16 @@ impl Control {
         let Some(svc) = self.services.iter().find(|s| s.name == service).cloned() else {
             return;
         };
+        let had_checks = self.health.policy(service).is_none_or(|p| p.checks);
         let transitions = self.health.configure(&svc);
         self.apply_transitions(service, transitions);
         if svc.health_check.kind == CheckKind::None {
+            if had_checks {
+                log::info!(
+                    "service {service}: health_check kind none: no active checks, so passive ejection is off too \
+                     (nothing could bring an ejected backend back)"
+                );
+            }
             return;
         }
         self.next_generation += 1;
@@ -207,7 +334,9 @@ impl Control {
     /// One active check result.
     fn on_check(&mut self, report: CheckReport) {
         let current = self.checkers.get(&report.service).map(|c| c.generation);
-        if current != Some(report.generation) {
+        if current != Some(report.generation)
+            || self.health.is_up(&report.service, report.backend).is_none()
+        {
             return; // from checkers a reload replaced
         }
         let metrics = self
@@ -330,6 +459,21 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
         }
     }
 
+    // The admin endpoint is bound before any worker runs, like the
+    // service listeners: a failure is a start-up failure (exit 3).
+    let mut registry = Registry::new(n);
+    let loaded_at = SystemTime::now();
+    let view = AdminView::from_config(&config, &config_path, loaded_at, n, &mut registry);
+    let admin_shared = Arc::new(AdminShared::new(registry.global.clone(), Arc::new(view)));
+    let admin = match &config.admin {
+        Some(a) => {
+            let handle = admin::start(a.listen, admin_shared.clone()).map_err(StartError::Admin)?;
+            log::info!("admin endpoint listening on {}", handle.local_addr());
+            Some(handle)
+        }
+        None => None,
+    };
+
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
@@ -349,13 +493,17 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
         config_path,
         config,
         services,
-        registry: Registry::new(n),
+        registry,
         workers: handles,
         worker_count: n,
         health: HealthTable::new(),
         checkers: HashMap::new(),
         next_generation: 0,
         check_tx,
+        tcp_listeners: HashMap::new(),
+        admin_shared,
+        admin,
+        loaded_at,
     };
     let all: Vec<_> = control
         .services
@@ -365,7 +513,7 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
         .collect();
     control.broadcast(|| WorkerMsg::Routes(all.clone()));
     for (service, addr, b) in bound {
-        hand_over(&control.workers, &service, addr, b);
+        control.hand_over(&service, addr, b);
     }
     let listeners: Vec<String> = control
         .services
@@ -390,15 +538,6 @@ async fn run_async(opts: RunOptions) -> Result<(), StartError> {
     for name in &names {
         control.start_checks(name);
     }
-    for s in &control.services {
-        if s.health_check.kind == CheckKind::None {
-            log::info!(
-                "service {}: health_check kind none: no active checks, so passive ejection is off too (nothing could bring an ejected backend back)",
-                s.name
-            );
-        }
-    }
-
     serve(&mut control, &mut signals, events_rx, check_rx).await;
     Ok(())
 }
@@ -444,6 +583,9 @@ async fn serve(
 async fn drain(control: &mut Control, events: &mut UnboundedReceiver<WorkerEvent>) {
     let timeout = control.config.shutdown_timeout;
     let deadline = Instant::now() + timeout;
+    // Refuse new connects now, from here: a worker busy moving bytes may
+    // take a while to get to its Shutdown message.
+    control.close_all_listeners();
     control.broadcast(|| WorkerMsg::Shutdown { deadline });
     let mut exited: HashMap<usize, bool> = HashMap::new();
     // Workers close what is left at the deadline; give them a moment more.

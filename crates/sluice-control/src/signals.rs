@@ -33,22 +33,24 @@ impl Signals {
     /// Start the thread that waits for signals (named `sluice-signals`).
     pub fn start() -> io::Result<Self> {
         let (tx, rx) = unbounded_channel();
-        std::thread::Builder::new().name("sluice-signals".into()).spawn(move || {
-            let set = handled();
-            loop {
-                match set.wait() {
-                    Ok(sig) => {
-                        if tx.send(sig).is_err() {
+        std::thread::Builder::new()
+            .name("sluice-signals".into())
+            .spawn(move || {
+                let set = handled();
+                loop {
+                    match set.wait() {
+                        Ok(sig) => {
+                            if tx.send(sig).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            log::error!("waiting for signals failed: {e}");
                             return;
                         }
                     }
-                    Err(e) => {
-                        log::error!("waiting for signals failed: {e}");
-                        return;
-                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Self { rx })
     }
 

@@ -23,6 +23,7 @@ pub mod proxy_proto;
 pub mod routes;
 mod tcp;
 mod transfer;
+pub mod udp;
 mod worker;
 
 pub use routes::{BackendRoute, ServiceLimit, ServiceRoutes};

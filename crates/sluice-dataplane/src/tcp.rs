@@ -103,6 +103,14 @@ pub(crate) async fn accept_loop(
                         }
                     } else if is_transient_accept_error(&e) {
                         continue;
+                    } else if e.raw_os_error() == Some(libc::EINVAL) {
+                        // No longer listening: the control thread shut the
+                        // listener down (reload, SIGTERM); the message that
+                        // stops this loop follows.
+                        tokio::select! {
+                            _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                            _ = stop.changed() => break 'outer,
+                        }
                     } else {
                         // EMFILE/ENFILE and friends: back off instead of
                         // spinning; connections wait in the backlog.
@@ -133,6 +141,11 @@ pub(crate) async fn accept_loop(
             _ = stop.changed() => break,
         }
     }
+    // Stop listening right now: new connects are refused at once (and the
+    // ones queued on this socket move to its SO_REUSEPORT siblings when
+    // net.ipv4.tcp_migrate_req is on), without waiting for the io_uring
+    // cancel in `op::close`, whose submission can lag under load.
+    let _ = socket2::SockRef::from(&listener).shutdown(Shutdown::Both);
     op::close(listener).await;
     log::debug!("worker {}: listener {addr} closed", worker.cfg.index);
 }
@@ -247,11 +260,11 @@ async fn serve(
                     Ok(()) => Ok((stream, took)),
                     Err(why) => {
                         op::close(stream).await;
-                        Err(why)
+                        Err(Failed::Backend(why))
                     }
                 }
             }
-            Err(why) => Err(why),
+            Err(failed) => Err(failed),
         };
         match attempt {
             Ok((stream, took)) => {
@@ -260,11 +273,18 @@ async fn serve(
                 worker.report_connect(&svc.name, backend.addr, None);
                 break (id, stream);
             }
-            Err(why) => {
+            Err(failed) => {
                 backend.load.active.fetch_sub(1, Ordering::Relaxed);
-                backend.metrics.connect_errors.inc(core);
-                worker.report_connect(&svc.name, backend.addr, Some(why));
-                log::debug!("{}: connect to {} failed: {why:?}", svc.name, backend.addr);
+                match failed {
+                    Failed::Backend(why) => {
+                        backend.metrics.connect_errors.inc(core);
+                        worker.report_connect(&svc.name, backend.addr, Some(why));
+                        log::debug!("{}: connect to {} failed: {why:?}", svc.name, backend.addr);
+                    }
+                    Failed::Local(e) => {
+                        log::debug!("{}: cannot connect to {}: {e}", svc.name, backend.addr);
+                    }
+                }
                 tried.push(id);
                 if tried.len() > svc.connect_retries as usize {
                     return Served::NotProxied(EndReason::ConnectFailure);
@@ -373,19 +393,25 @@ async fn established(
 
 /// Connect to `addr` within `timeout`. On timeout the pending poll is
 /// cancelled in the kernel and the socket closed before returning.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
-    let (stream, done) = socket::connect_start(addr).map_err(|e| classify(&e))?;
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Failed> {
+    let (stream, done) = socket::connect_start(addr).map_err(|e| {
+        if is_resource_error(&e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            Failed::Local(e)
+        } else {
+            Failed::Backend(classify(&e))
+        }
+    })?;
     if !done {
         let fd = stream.as_raw_fd();
         match tokio::time::timeout(timeout, op::poll(fd, op::WRITABLE)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 op::close(stream).await;
-                return Err(classify(&e));
+                return Err(Failed::Backend(classify(&e)));
             }
             Err(_) => {
                 op::close(stream).await;
-                return Err(ConnectFailure::Timeout);
+                return Err(Failed::Backend(ConnectFailure::Timeout));
             }
         }
     }
@@ -394,7 +420,19 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
         Err(e) => {
             let why = classify(&e);
             op::close(stream).await;
-            Err(why)
+            Err(Failed::Backend(why))
         }
     }
+}
+
+/// Why a connect attempt gave no usable connection.
+#[derive(Debug)]
+enum Failed {
+    /// The backend refused, timed out, or reset/closed before any byte:
+    /// reported to the control thread (passive health).
+    Backend(ConnectFailure),
+    /// This process ran short creating the socket (EMFILE, ENFILE, ENOBUFS,
+    /// ENOMEM, no free local port): not the backend's fault, so not
+    /// reported: it must not eject a healthy backend.
+    Local(io::Error),
 }

@@ -150,6 +150,8 @@ pub(crate) struct Worker {
     rng: RefCell<fastrand::Rng>,
     /// Consecutive connect failures per backend seen by this worker.
     fail_streak: RefCell<HashMap<(String, SocketAddr), u32>>,
+    /// UDP services (session and dns modes) of this worker.
+    pub(crate) udp: crate::udp::UdpWorker,
 }
 
 const MAX_IDLE_BUFS: usize = 64;
@@ -271,18 +273,26 @@ impl Worker {
                 addr,
                 socket,
             } => {
-                log::error!(
-                    "worker {}: UDP listener {addr} of service {service} is not served: UDP is not built yet",
-                    self.cfg.index
-                );
-                drop(socket);
+                let Some(slot) = self.services.borrow().get(&service).cloned() else {
+                    log::error!("worker {}: UDP listener {addr} for unknown service {service}", self.cfg.index);
+                    return;
+                };
+                // Stopped like a TCP listener (RemoveListener,
+                // RemoveService, Shutdown flip this switch).
+                let (stop_tx, stop_rx) = watch::channel(false);
+                if let Some(old) = self.listeners.borrow_mut().insert((service.clone(), addr), stop_tx) {
+                    let _ = old.send(true);
+                }
+                crate::udp::add_listener(self, slot, service, addr, socket, stop_rx);
             }
             WorkerMsg::RemoveListener { service, addr } => {
                 if let Some(stop) = self.listeners.borrow_mut().remove(&(service, addr)) {
                     let _ = stop.send(true);
                 }
             }
-            WorkerMsg::ForgetBackend { .. } => {}
+            WorkerMsg::ForgetBackend { service, backend } => {
+                crate::udp::forget_backend(self, &service, backend);
+            }
             WorkerMsg::Sync(done) => {
                 let _ = done.send(());
             }
@@ -347,6 +357,7 @@ fn run(
         draining: Cell::new(false),
         rng: RefCell::new(fastrand::Rng::with_seed(seed)),
         fail_streak: RefCell::new(HashMap::new()),
+        udp: crate::udp::UdpWorker::new(),
     });
     sluice_uring::runtime::start(entries, async {
         loop {

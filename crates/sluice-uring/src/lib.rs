@@ -34,3 +34,4 @@ pub mod probe;
 pub mod runtime;
 pub mod socket;
 pub mod sys;
+pub mod udp;

@@ -16,7 +16,14 @@ fn main() -> ExitCode {
         eprintln!("error: cannot block signals: {e}");
         return ExitCode::from(cli::exit::START_FAILURE);
     }
-    let args = cli::Cli::parse(); // usage errors exit 2, --help/--version 0
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            // --help and --version land here too (printed on stdout, exit 0).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { cli::exit::USAGE } else { cli::exit::OK });
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
