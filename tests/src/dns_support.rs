@@ -441,9 +441,71 @@ impl Drop for DnsProbe {
     }
 }
 
+/// The value of the series `name{labels…}` in a Prometheus text
+/// exposition: the first sample of `name` carrying every `(label, value)`
+/// pair of `labels` (other labels may be present, in any order).
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (label_text, value) = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let end = r.find('}')?;
+                    (&r[..end], r[end + 1..].trim())
+                }
+                None if rest.starts_with(' ') => ("", rest.trim()),
+                None => return None,
+            };
+            let all = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
+            all.then(|| value.split_whitespace().next()?.parse().ok())
+                .flatten()
+        })
+}
+
+/// Scrapes `GET /metrics` from the admin endpoint `admin` and returns
+/// [`metric_value`] of the series (panics if the scrape fails).
+#[track_caller]
+pub fn scrape_metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let r = crate::net::http_get(admin, "/metrics", DEADLINE)
+        .unwrap_or_else(|e| panic!("GET /metrics on {admin}: {e}"));
+    assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+    metric_value(&r.body, name, labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_a_series_by_name_and_labels() {
+        let text = "# HELP x y\nsluice_udp_sessions{service=\"s\"} 3\n\
+                    sluice_udp_datagrams_total{service=\"d\",direction=\"dropped\"} 12\n\
+                    sluice_udp_datagrams_total{service=\"d\",direction=\"to_client\"} 7\nplain 1.5\n";
+        assert_eq!(
+            metric_value(text, "sluice_udp_sessions", &[("service", "s")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric_value(
+                text,
+                "sluice_udp_datagrams_total",
+                &[("direction", "to_client"), ("service", "d")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            metric_value(text, "sluice_udp_datagrams_total", &[("service", "x")]),
+            None
+        );
+        assert_eq!(metric_value(text, "plain", &[]), Some(1.5));
+        assert_eq!(metric_value(text, "sluice_udp_session", &[]), None);
+    }
 
     #[test]
     fn parses_a_dnsperf_report() {

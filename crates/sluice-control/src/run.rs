@@ -16,8 +16,8 @@ use sluice_dataplane::{
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::health::{self, CheckReport, Event, HealthTable, Transition};
 use crate::admin::{self, AdminHandle, AdminShared, AdminView};
+use crate::health::{self, CheckReport, Event, HealthTable, Transition};
 use crate::registry::Registry;
 use crate::signals::Signals;
 

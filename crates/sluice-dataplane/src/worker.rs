@@ -274,13 +274,20 @@ impl Worker {
                 socket,
             } => {
                 let Some(slot) = self.services.borrow().get(&service).cloned() else {
-                    log::error!("worker {}: UDP listener {addr} for unknown service {service}", self.cfg.index);
+                    log::error!(
+                        "worker {}: UDP listener {addr} for unknown service {service}",
+                        self.cfg.index
+                    );
                     return;
                 };
                 // Stopped like a TCP listener (RemoveListener,
                 // RemoveService, Shutdown flip this switch).
                 let (stop_tx, stop_rx) = watch::channel(false);
-                if let Some(old) = self.listeners.borrow_mut().insert((service.clone(), addr), stop_tx) {
+                if let Some(old) = self
+                    .listeners
+                    .borrow_mut()
+                    .insert((service.clone(), addr), stop_tx)
+                {
                     let _ = old.send(true);
                 }
                 crate::udp::add_listener(self, slot, service, addr, socket, stop_rx);

@@ -9,7 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sluice_balance::{Algorithm, BuildOptions, Endpoint, Load, Member, Snapshot};
-use sluice_dataplane::{spawn_worker, BackendRoute, ServiceLimit, ServiceRoutes, WorkerConfig, WorkerHandle, WorkerMsg};
+use sluice_dataplane::{
+    spawn_worker, BackendRoute, ServiceLimit, ServiceRoutes, WorkerConfig, WorkerHandle, WorkerMsg,
+};
 use sluice_metrics::{BackendMetrics, ServiceMetrics};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -40,7 +42,9 @@ struct Backend {
 impl Backend {
     fn start(reply: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static) -> Backend {
         let socket = UdpSocket::bind((LOCAL, 0)).unwrap();
-        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         let addr = socket.local_addr().unwrap();
         let mine = socket.try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -61,7 +65,14 @@ impl Backend {
                 }
             })
         };
-        Backend { addr, socket: mine, stop, received, seen, thread: Some(thread) }
+        Backend {
+            addr,
+            socket: mine,
+            stop,
+            received,
+            seen,
+            thread: Some(thread),
+        }
     }
 
     /// Echoes with its `tag` byte prepended.
@@ -127,8 +138,16 @@ impl Lb {
         cfg.ring_entries = 256;
         let worker = spawn_worker(cfg, events).unwrap();
         worker.send(WorkerMsg::Routes(vec![routes.clone()]));
-        worker.send(WorkerMsg::AddUdpListener { service: "u".into(), addr: listen, socket });
-        Lb { worker: Some(worker), routes, listen }
+        worker.send(WorkerMsg::AddUdpListener {
+            service: "u".into(),
+            addr: listen,
+            socket,
+        });
+        Lb {
+            worker: Some(worker),
+            routes,
+            listen,
+        }
     }
 
     fn send(&self, msg: WorkerMsg) {
@@ -151,7 +170,9 @@ impl Lb {
     fn shutdown(&mut self) -> Duration {
         let w = self.worker.take().unwrap();
         let t0 = Instant::now();
-        w.send(WorkerMsg::Shutdown { deadline: Instant::now() + Duration::from_secs(5) });
+        w.send(WorkerMsg::Shutdown {
+            deadline: Instant::now() + Duration::from_secs(5),
+        });
         w.join();
         t0.elapsed()
     }
@@ -165,7 +186,13 @@ impl Drop for Lb {
     }
 }
 
-fn routes(udp: &str, extra: &str, backends: &[SocketAddr], down: &[usize], old: Option<&ServiceRoutes>) -> Arc<ServiceRoutes> {
+fn routes(
+    udp: &str,
+    extra: &str,
+    backends: &[SocketAddr],
+    down: &[usize],
+    old: Option<&ServiceRoutes>,
+) -> Arc<ServiceRoutes> {
     let mut yaml = format!(
         "services:\n  - name: u\n    protocol: udp\n    listen: [\"127.0.0.1:1\"]\n    udp: {udp}\n{extra}    backends:\n"
     );
@@ -192,25 +219,41 @@ fn routes_for(
     for (i, addr) in backends.iter().enumerate() {
         let (load, metrics) = match old.and_then(|o| o.backends.iter().find(|b| b.addr == *addr)) {
             Some(b) => (b.load.clone(), b.metrics.clone()),
-            None => (Arc::new(Load::default()), Arc::new(BackendMetrics::new("u", &addr.to_string(), 1))),
+            None => (
+                Arc::new(Load::default()),
+                Arc::new(BackendMetrics::new("u", &addr.to_string(), 1)),
+            ),
         };
         if !down.contains(&i) {
-            members.push(Member::new(Endpoint::from_address(i as u32, 100, &addr.to_string()), load.clone(), 0));
+            members.push(Member::new(
+                Endpoint::from_address(i as u32, 100, &addr.to_string()),
+                load.clone(),
+                0,
+            ));
         }
-        routes.push(BackendRoute { addr: *addr, load, metrics, max_connections: 0 });
+        routes.push(BackendRoute {
+            addr: *addr,
+            load,
+            metrics,
+            max_connections: 0,
+        });
     }
     Arc::new(ServiceRoutes {
         service,
         snapshot: Snapshot::build(algorithm, members, BuildOptions::default()),
         backends: routes,
-        metrics: old.map_or_else(|| Arc::new(ServiceMetrics::new("u", 1)), |o| o.metrics.clone()),
+        metrics: old.map_or_else(
+            || Arc::new(ServiceMetrics::new("u", 1)),
+            |o| o.metrics.clone(),
+        ),
         limit: old.map_or_else(|| Arc::new(ServiceLimit::default()), |o| o.limit.clone()),
     })
 }
 
 fn client() -> UdpSocket {
     let s = UdpSocket::bind((LOCAL, 0)).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     s
 }
 
@@ -235,7 +278,8 @@ fn recv_none(c: &UdpSocket, wait: Duration) -> bool {
     c.set_read_timeout(Some(wait)).unwrap();
     let mut buf = [0u8; 2048];
     let none = c.recv_from(&mut buf).is_err();
-    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     none
 }
 
@@ -248,7 +292,9 @@ fn dns_ids_are_rewritten_restored_and_extra_replies_are_orphans() {
     // The first exchange also waits for the worker to be up.
     let reply = request(&c, lb.listen, &query(0x4242, b"warmup"));
     assert_eq!(&reply[..2], &[0x42, 0x42]);
-    eventually("the orphan of the warm-up", || lb.metrics().dns_orphan_reply.get() >= 1);
+    eventually("the orphan of the warm-up", || {
+        lb.metrics().dns_orphan_reply.get() >= 1
+    });
     let base_answered = lb.metrics().dns_answered.get();
     for i in 0..200u32 {
         let q = query(0x4242, &i.to_be_bytes());
@@ -259,19 +305,30 @@ fn dns_ids_are_rewritten_restored_and_extra_replies_are_orphans() {
         assert_eq!(&buf[..n], &as_response(&q)[..]);
     }
     eventually("every answer and orphan counted", || {
-        lb.metrics().dns_answered.get() == base_answered + 200 && lb.metrics().dns_orphan_reply.get() >= 201
+        lb.metrics().dns_answered.get() == base_answered + 200
+            && lb.metrics().dns_orphan_reply.get() >= 201
     });
-    assert!(recv_none(&c, Duration::from_millis(100)), "orphans never reach the client");
+    assert!(
+        recv_none(&c, Duration::from_millis(100)),
+        "orphans never reach the client"
+    );
     // The backend saw worker-chosen IDs, all different although the
     // client always used the same one.
     let seen = backend.seen.lock().unwrap();
-    let mut ids: Vec<u16> = seen.iter().map(|(_, d)| u16::from_be_bytes([d[0], d[1]])).collect();
+    let mut ids: Vec<u16> = seen
+        .iter()
+        .map(|(_, d)| u16::from_be_bytes([d[0], d[1]]))
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     assert!(ids.len() >= 200, "only {} distinct upstream IDs", ids.len());
     // A small pool of upstream sockets, not one per query.
     drop(seen);
-    assert!(backend.peers().len() <= 4, "upstream sockets: {:?}", backend.peers());
+    assert!(
+        backend.peers().len() <= 4,
+        "upstream sockets: {:?}",
+        backend.peers()
+    );
     let m = lb.metrics();
     assert_eq!(m.udp_to_backend.get(), m.udp_to_client.get());
     assert_eq!(m.dns_timeout.get(), 0);
@@ -293,7 +350,12 @@ fn unanswered_dns_queries_time_out_and_late_replies_are_orphans() {
             vec![]
         }
     });
-    let lb = Lb::start("{ mode: dns, query_timeout: 200ms }", "", &[backend.addr], LOCAL);
+    let lb = Lb::start(
+        "{ mode: dns, query_timeout: 200ms }",
+        "",
+        &[backend.addr],
+        LOCAL,
+    );
     let c = client();
     request(&c, lb.listen, &query(1, b"a"));
     let t0 = Instant::now();
@@ -301,16 +363,27 @@ fn unanswered_dns_queries_time_out_and_late_replies_are_orphans() {
         c.send_to(&query(i, b"silent"), lb.listen).unwrap();
     }
     eventually("5 timeouts", || lb.metrics().dns_timeout.get() == 5);
-    assert!(t0.elapsed() >= Duration::from_millis(200), "expired before query_timeout");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(200),
+        "expired before query_timeout"
+    );
     assert_eq!(late.lock().unwrap().len(), 5);
     // The backend answers the expired queries now: orphans, never delivered.
     let before = lb.metrics().dns_orphan_reply.get();
-    let silent: Vec<(SocketAddr, Vec<u8>)> =
-        backend.seen.lock().unwrap().iter().filter(|(_, d)| d.get(12) != Some(&b'a')).cloned().collect();
+    let silent: Vec<(SocketAddr, Vec<u8>)> = backend
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, d)| d.get(12) != Some(&b'a'))
+        .cloned()
+        .collect();
     for (from, q) in &silent {
         backend.socket.send_to(&as_response(q), from).unwrap();
     }
-    eventually("5 orphans", || lb.metrics().dns_orphan_reply.get() == before + 5);
+    eventually("5 orphans", || {
+        lb.metrics().dns_orphan_reply.get() == before + 5
+    });
     assert!(recv_none(&c, Duration::from_millis(50)));
     assert_eq!(lb.metrics().dns_answered.get(), 1);
     // Still answering.
@@ -326,7 +399,8 @@ fn malformed_datagrams_are_dropped_and_counted() {
     let forwarded = backend.received.load(Ordering::SeqCst);
     c.send_to(&[], lb.listen).unwrap();
     c.send_to(&[1u8; 11], lb.listen).unwrap();
-    c.send_to(&as_response(&query(7, b"not a query")), lb.listen).unwrap();
+    c.send_to(&as_response(&query(7, b"not a query")), lb.listen)
+        .unwrap();
     eventually("3 drops", || lb.metrics().udp_dropped.get() == 3);
     // The largest datagram is a valid (if odd) query: it is forwarded whole.
     let mut big = query(0x0102, &[]);
@@ -359,7 +433,9 @@ fn truncated_replies_pass_through_untouched_but_the_id() {
 
 #[test]
 fn dns_queries_spread_round_robin_and_skip_a_forgotten_backend() {
-    let backends: Vec<Backend> = (0..3).map(|_| Backend::start(|q| vec![as_response(q)])).collect();
+    let backends: Vec<Backend> = (0..3)
+        .map(|_| Backend::start(|q| vec![as_response(q)]))
+        .collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let mut lb = Lb::start("{ mode: dns }", "    balance: round_robin\n", &addrs, LOCAL);
     let c = client();
@@ -367,24 +443,42 @@ fn dns_queries_spread_round_robin_and_skip_a_forgotten_backend() {
     for i in 0..299u16 {
         request(&c, lb.listen, &query(i, b"q"));
     }
-    let counts: Vec<usize> = backends.iter().map(|b| b.received.load(Ordering::SeqCst)).collect();
-    assert_eq!(counts, vec![100, 100, 100], "one client, each query balanced on its own");
+    let counts: Vec<usize> = backends
+        .iter()
+        .map(|b| b.received.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![100, 100, 100],
+        "one client, each query balanced on its own"
+    );
     // Backend 1 goes down: no query reaches it any more.
     lb.set_down(&[1]);
-    lb.send(WorkerMsg::ForgetBackend { service: "u".into(), backend: addrs[1] });
+    lb.send(WorkerMsg::ForgetBackend {
+        service: "u".into(),
+        backend: addrs[1],
+    });
     std::thread::sleep(Duration::from_millis(50));
     for i in 0..100u16 {
         request(&c, lb.listen, &query(i, b"q"));
     }
     assert_eq!(backends[1].received.load(Ordering::SeqCst), 100);
-    assert_eq!(backends[0].received.load(Ordering::SeqCst) + backends[2].received.load(Ordering::SeqCst), 300);
+    assert_eq!(
+        backends[0].received.load(Ordering::SeqCst) + backends[2].received.load(Ordering::SeqCst),
+        300
+    );
 }
 
 #[test]
 fn session_flow_keeps_its_backend_until_forgotten() {
     let backends: Vec<Backend> = (0..2).map(|i| Backend::tagged(b'A' + i)).collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let mut lb = Lb::start("{ mode: session }", "    balance: round_robin\n    access_log: true\n", &addrs, LOCAL);
+    let mut lb = Lb::start(
+        "{ mode: session }",
+        "    balance: round_robin\n    access_log: true\n",
+        &addrs,
+        LOCAL,
+    );
     let c = client();
     let first = request(&c, lb.listen, b"hello")[0];
     for _ in 0..20 {
@@ -395,15 +489,30 @@ fn session_flow_keeps_its_backend_until_forgotten() {
     assert_eq!(lb.metrics().udp_sessions.get(), 1);
     let idx = (first - b'A') as usize;
     assert_eq!(lb.routes.backends[idx].metrics.active.get(), 1);
-    assert_eq!(lb.routes.backends[idx].load.active.load(Ordering::SeqCst), 1);
-    assert_eq!(backends[idx].peers().len(), 1, "one upstream socket per flow");
+    assert_eq!(
+        lb.routes.backends[idx].load.active.load(Ordering::SeqCst),
+        1
+    );
+    assert_eq!(
+        backends[idx].peers().len(),
+        1,
+        "one upstream socket per flow"
+    );
     // Its backend goes down: the flow is forgotten, the next datagram goes
     // to the other backend.
     lb.set_down(&[idx]);
-    lb.send(WorkerMsg::ForgetBackend { service: "u".into(), backend: addrs[idx] });
-    eventually("the flow forgotten", || lb.metrics().udp_sessions.get() == 0);
+    lb.send(WorkerMsg::ForgetBackend {
+        service: "u".into(),
+        backend: addrs[idx],
+    });
+    eventually("the flow forgotten", || {
+        lb.metrics().udp_sessions.get() == 0
+    });
     assert_eq!(lb.routes.backends[idx].metrics.active.get(), 0);
-    assert_eq!(lb.routes.backends[idx].load.active.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        lb.routes.backends[idx].load.active.load(Ordering::SeqCst),
+        0
+    );
     let r = request(&c, lb.listen, b"moved");
     assert_ne!(r[0], first);
     assert_eq!(lb.metrics().udp_sessions.get(), 1);
@@ -413,7 +522,12 @@ fn session_flow_keeps_its_backend_until_forgotten() {
 fn session_flows_moved_by_new_routes_without_forget_message() {
     let backends: Vec<Backend> = (0..2).map(|i| Backend::tagged(b'A' + i)).collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let mut lb = Lb::start("{ mode: session }", "    balance: round_robin\n", &addrs, LOCAL);
+    let mut lb = Lb::start(
+        "{ mode: session }",
+        "    balance: round_robin\n",
+        &addrs,
+        LOCAL,
+    );
     let c = client();
     let first = request(&c, lb.listen, b"hello")[0];
     lb.set_down(&[(first - b'A') as usize]);
@@ -431,7 +545,12 @@ fn session_flows_moved_by_new_routes_without_forget_message() {
 #[test]
 fn idle_sessions_expire_and_max_sessions_limits_new_ones() {
     let backend = Backend::tagged(b'A');
-    let lb = Lb::start("{ mode: session, session_timeout: 300ms, max_sessions: 2 }", "", &[backend.addr], LOCAL);
+    let lb = Lb::start(
+        "{ mode: session, session_timeout: 300ms, max_sessions: 2 }",
+        "",
+        &[backend.addr],
+        LOCAL,
+    );
     let (a, b, c) = (client(), client(), client());
     request(&a, lb.listen, b"a");
     request(&b, lb.listen, b"b");
@@ -454,7 +573,9 @@ fn idle_sessions_expire_and_max_sessions_limits_new_ones() {
     assert_eq!(&request(&c, lb.listen, b"c")[1..], b"c");
     // Everything idles out; the upstream sockets close (the backend's peers
     // were three distinct flows).
-    eventually("all sessions expired", || lb.metrics().udp_sessions.get() == 0);
+    eventually("all sessions expired", || {
+        lb.metrics().udp_sessions.get() == 0
+    });
     assert_eq!(backend.peers().len(), 3);
     assert_eq!(lb.routes.limit.active.load(Ordering::SeqCst), 0);
 }
@@ -462,7 +583,12 @@ fn idle_sessions_expire_and_max_sessions_limits_new_ones() {
 #[test]
 fn wildcard_listener_replies_from_the_address_the_client_sent_to() {
     let backend = Backend::tagged(b'A');
-    let lb = Lb::start("{ mode: session }", "", &[backend.addr], IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let lb = Lb::start(
+        "{ mode: session }",
+        "",
+        &[backend.addr],
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    );
     let port = lb.listen.port();
     for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
         let to: SocketAddr = format!("{ip}:{port}").parse().unwrap();
@@ -471,7 +597,12 @@ fn wildcard_listener_replies_from_the_address_the_client_sent_to() {
         assert_eq!(&r[1..], b"where");
     }
     let dns_backend = Backend::start(|q| vec![as_response(q)]);
-    let lb2 = Lb::start("{ mode: dns }", "", &[dns_backend.addr], IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let lb2 = Lb::start(
+        "{ mode: dns }",
+        "",
+        &[dns_backend.addr],
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    );
     let to: SocketAddr = format!("127.0.0.2:{}", lb2.listen.port()).parse().unwrap();
     let c = client();
     assert_eq!(&request(&c, to, &query(5, b"q"))[..2], &[0, 5]);
@@ -480,7 +611,12 @@ fn wildcard_listener_replies_from_the_address_the_client_sent_to() {
 #[test]
 fn shutdown_closes_udp_flows_promptly() {
     let backend = Backend::tagged(b'A');
-    let mut lb = Lb::start("{ mode: session, session_timeout: 1h }", "", &[backend.addr], LOCAL);
+    let mut lb = Lb::start(
+        "{ mode: session, session_timeout: 1h }",
+        "",
+        &[backend.addr],
+        LOCAL,
+    );
     let clients: Vec<UdpSocket> = (0..20).map(|_| client()).collect();
     for c in &clients {
         request(c, lb.listen, b"x");

@@ -157,7 +157,10 @@ impl RecvBatch {
             // SAFETY: `i * slot_size` is within `bufs`, which holds
             // `capacity * slot_size` bytes.
             let slot = unsafe { base.add(i * self.slot_size) };
-            self.iovs[i] = libc::iovec { iov_base: slot.cast(), iov_len: self.slot_size };
+            self.iovs[i] = libc::iovec {
+                iov_base: slot.cast(),
+                iov_len: self.slot_size,
+            };
             let hdr = &mut self.hdrs[i];
             hdr.msg_len = 0;
             let m = &mut hdr.msg_hdr;
@@ -192,7 +195,11 @@ impl RecvBatch {
     }
 
     fn check(&self, i: usize) {
-        assert!(i < self.filled, "datagram {i} of a batch of {}", self.filled);
+        assert!(
+            i < self.filled,
+            "datagram {i} of a batch of {}",
+            self.filled
+        );
     }
 
     /// Payload length of datagram `i` (capped at the slot size).
@@ -290,7 +297,8 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<
         }
         libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
             // SAFETY: as above, for `sockaddr_in6`.
-            let sin6: &libc::sockaddr_in6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast() };
+            let sin6: &libc::sockaddr_in6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast() };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
@@ -308,19 +316,25 @@ fn std_to_sockaddr(addr: &SocketAddr, storage: &mut libc::sockaddr_storage) -> l
         SocketAddr::V4(a) => {
             // SAFETY: `sockaddr_storage` is large and aligned enough for a
             // `sockaddr_in`, and all-zero bytes are a valid one.
-            let sin: &mut libc::sockaddr_in = unsafe { &mut *(storage as *mut libc::sockaddr_storage).cast() };
+            let sin: &mut libc::sockaddr_in =
+                unsafe { &mut *(storage as *mut libc::sockaddr_storage).cast() };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
-            sin.sin_addr = libc::in_addr { s_addr: u32::from(*a.ip()).to_be() };
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            };
             size_of::<libc::sockaddr_in>() as libc::socklen_t
         }
         SocketAddr::V6(a) => {
             // SAFETY: as above, for `sockaddr_in6`.
-            let sin6: &mut libc::sockaddr_in6 = unsafe { &mut *(storage as *mut libc::sockaddr_storage).cast() };
+            let sin6: &mut libc::sockaddr_in6 =
+                unsafe { &mut *(storage as *mut libc::sockaddr_storage).cast() };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port().to_be();
             sin6.sin6_flowinfo = a.flowinfo().to_be();
-            sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
             sin6.sin6_scope_id = a.scope_id();
             size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
@@ -345,13 +359,21 @@ fn usable_source(ip: IpAddr) -> bool {
 /// `src`, is ignored. No heap allocation: the control buffer is on the
 /// stack. Returns the bytes sent, or `WouldBlock` when the send buffer is
 /// full.
-pub fn send_to(fd: RawFd, data: &[u8], dst: Option<SocketAddr>, src: Option<PktInfo>) -> io::Result<usize> {
+pub fn send_to(
+    fd: RawFd,
+    data: &[u8],
+    dst: Option<SocketAddr>,
+    src: Option<PktInfo>,
+) -> io::Result<usize> {
     // SAFETY: all-zero bytes are valid values of these C structs.
     let mut name: libc::sockaddr_storage = unsafe { zeroed() };
     // SAFETY: as above.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     let mut ctrl = CmsgSpace::zeroed();
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
     if let Some(dst) = &dst {
         msg.msg_namelen = std_to_sockaddr(dst, &mut name);
         msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
@@ -360,25 +382,57 @@ pub fn send_to(fd: RawFd, data: &[u8], dst: Option<SocketAddr>, src: Option<PktI
     msg.msg_iovlen = 1;
     let src = src.filter(|s| usable_source(s.addr));
     match (src, dst) {
-        (Some(PktInfo { addr: IpAddr::V4(ip), .. }), None | Some(SocketAddr::V4(_))) => {
+        (
+            Some(PktInfo {
+                addr: IpAddr::V4(ip),
+                ..
+            }),
+            None | Some(SocketAddr::V4(_)),
+        ) => {
             let info = libc::in_pktinfo {
                 ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr { s_addr: u32::from(ip).to_be() },
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
                 ipi_addr: libc::in_addr { s_addr: 0 },
             };
             // SAFETY: `ctrl` is a cmsghdr-aligned buffer larger than
             // CMSG_SPACE(in_pktinfo); `msg` points at it with that length, so
             // CMSG_FIRSTHDR returns a header inside it with room for the data.
-            unsafe { put_cmsg(&mut msg, &mut ctrl, libc::IPPROTO_IP, libc::IP_PKTINFO, info) };
+            unsafe {
+                put_cmsg(
+                    &mut msg,
+                    &mut ctrl,
+                    libc::IPPROTO_IP,
+                    libc::IP_PKTINFO,
+                    info,
+                )
+            };
         }
-        (Some(PktInfo { addr: IpAddr::V6(ip), ifindex }), None | Some(SocketAddr::V6(_))) => {
+        (
+            Some(PktInfo {
+                addr: IpAddr::V6(ip),
+                ifindex,
+            }),
+            None | Some(SocketAddr::V6(_)),
+        ) => {
             let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
             let info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr { s6_addr: ip.octets() },
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
                 ipi6_ifindex: if link_local { ifindex } else { 0 },
             };
             // SAFETY: as above, for `in6_pktinfo`.
-            unsafe { put_cmsg(&mut msg, &mut ctrl, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info) };
+            unsafe {
+                put_cmsg(
+                    &mut msg,
+                    &mut ctrl,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_PKTINFO,
+                    info,
+                )
+            };
         }
         _ => {}
     }
@@ -406,7 +460,13 @@ pub fn send_to(fd: RawFd, data: &[u8], dst: Option<SocketAddr>, src: Option<PktI
 /// # Safety
 /// `CMSG_SPACE(size_of::<T>())` must fit in `ctrl`; `T` must be a plain C
 /// struct.
-unsafe fn put_cmsg<T>(msg: &mut libc::msghdr, ctrl: &mut CmsgSpace, level: libc::c_int, ty: libc::c_int, value: T) {
+unsafe fn put_cmsg<T>(
+    msg: &mut libc::msghdr,
+    ctrl: &mut CmsgSpace,
+    level: libc::c_int,
+    ty: libc::c_int,
+    value: T,
+) {
     let space = libc::CMSG_SPACE(size_of::<T>() as u32) as usize;
     debug_assert!(space <= size_of::<CmsgSpace>());
     msg.msg_control = ctrl.0.as_mut_ptr().cast();
@@ -442,6 +502,73 @@ pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// A global allocator that counts allocations (and reallocations) and
+/// otherwise forwards to the system allocator: tests install it with
+/// `#[global_allocator]` to prove that the UDP fast path does not allocate
+/// per datagram, without `unsafe` outside this crate.
+///
+/// ```
+/// use sluice_uring::udp::CountingAllocator;
+/// static COUNTER: CountingAllocator = CountingAllocator::new();
+/// // in a test binary: #[global_allocator] static A: CountingAllocator = ...;
+/// assert_eq!(COUNTER.count(), 0);
+/// ```
+#[derive(Debug)]
+pub struct CountingAllocator {
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl CountingAllocator {
+    pub const fn new() -> Self {
+        CountingAllocator {
+            count: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Allocations and reallocations so far (all threads).
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Default for CountingAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every method forwards to `System` with the arguments it got, so
+// the `GlobalAlloc` contract holds exactly as for `System`; counting is a
+// relaxed atomic add that cannot allocate.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract for `layout`.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through us) with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc_zeroed`'s contract for `layout`.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: `ptr`/`layout` come from `System` (through us); the
+        // caller upholds `realloc`'s contract for `new_size`.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,7 +580,9 @@ mod tests {
         for _ in 0..2000 {
             match batch.recv(fd) {
                 Ok(n) => return n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
                 Err(e) => panic!("recv: {e}"),
             }
         }
@@ -465,7 +594,9 @@ mod tests {
         let server = crate::socket::udp_socket("0.0.0.0:0".parse().unwrap()).unwrap();
         let port = server.local_addr().unwrap().port();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let to: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
         client.send_to(b"hello", to).unwrap();
 
@@ -484,7 +615,10 @@ mod tests {
         let mut buf = [0u8; 16];
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"world");
-        assert_eq!(from, to, "the reply must leave from the address the client sent to");
+        assert_eq!(
+            from, to,
+            "the reply must leave from the address the client sent to"
+        );
     }
 
     #[test]
@@ -504,8 +638,13 @@ mod tests {
                 got.push((m.len, m.truncated, batch.data(i).first().copied()));
             }
         }
-        assert_eq!(got, vec![(10, false, Some(1)), (64, true, Some(2)), (0, false, None)]);
-        assert!(matches!(batch.recv(server.as_raw_fd()), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+        assert_eq!(
+            got,
+            vec![(10, false, Some(1)), (64, true, Some(2)), (0, false, None)]
+        );
+        assert!(
+            matches!(batch.recv(server.as_raw_fd()), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        );
     }
 
     #[test]
@@ -534,7 +673,9 @@ mod tests {
         let Ok(client) = UdpSocket::bind("[::1]:0") else {
             return;
         };
-        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let to: SocketAddr = format!("[::1]:{port}").parse().unwrap();
         client.send_to(b"six", to).unwrap();
         let mut batch = RecvBatch::new(1, 512);

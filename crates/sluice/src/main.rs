@@ -21,7 +21,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // --help and --version land here too (printed on stdout, exit 0).
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { cli::exit::USAGE } else { cli::exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                cli::exit::USAGE
+            } else {
+                cli::exit::OK
+            });
         }
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))

@@ -89,7 +89,11 @@ impl<E> QueryTable<E> {
             ids.swap(i, j);
         }
         let mut slots = Vec::with_capacity(ID_SPACE);
-        slots.resize_with(ID_SPACE, || Slot { query: None, prev: NIL, next: NIL });
+        slots.resize_with(ID_SPACE, || Slot {
+            query: None,
+            prev: NIL,
+            next: NIL,
+        });
         QueryTable {
             slots,
             free: ids.into(),
@@ -126,7 +130,11 @@ impl<E> QueryTable<E> {
         }
         let id = self.free.pop_front()?;
         let slot = id as u32;
-        self.slots[id as usize].query = Some(Pending { orig_id, sent_at: now, data });
+        self.slots[id as usize].query = Some(Pending {
+            orig_id,
+            sent_at: now,
+            data,
+        });
         self.push_tail(slot);
         self.len += 1;
         Some(id)
@@ -149,11 +157,19 @@ impl<E> QueryTable<E> {
 
     /// Remove every query sent at or before `now - timeout`, oldest first,
     /// handing each (with its rewritten ID) to `out`. Returns how many.
-    pub fn expire(&mut self, now: u64, timeout: u64, mut out: impl FnMut(u16, Pending<E>)) -> usize {
+    pub fn expire(
+        &mut self,
+        now: u64,
+        timeout: u64,
+        mut out: impl FnMut(u16, Pending<E>),
+    ) -> usize {
         let mut n = 0;
         while self.head != NIL {
             let id = self.head as u16;
-            let sent = self.slots[id as usize].query.as_ref().map_or(0, |q| q.sent_at);
+            let sent = self.slots[id as usize]
+                .query
+                .as_ref()
+                .map_or(0, |q| q.sent_at);
             if sent.saturating_add(timeout) > now {
                 break;
             }
@@ -167,12 +183,19 @@ impl<E> QueryTable<E> {
     /// Remove every query for which `forget` is true (a backend went down,
     /// a listener closed), handing each to `out`. A walk over the
     /// outstanding queries.
-    pub fn forget(&mut self, mut forget: impl FnMut(&E) -> bool, mut out: impl FnMut(u16, Pending<E>)) -> usize {
+    pub fn forget(
+        &mut self,
+        mut forget: impl FnMut(&E) -> bool,
+        mut out: impl FnMut(u16, Pending<E>),
+    ) -> usize {
         let mut n = 0;
         let mut cur = self.head;
         while cur != NIL {
             let next = self.slots[cur as usize].next;
-            let hit = self.slots[cur as usize].query.as_ref().is_some_and(|q| forget(&q.data));
+            let hit = self.slots[cur as usize]
+                .query
+                .as_ref()
+                .is_some_and(|q| forget(&q.data));
             if hit {
                 let id = cur as u16;
                 let q = self.take(id);
@@ -189,13 +212,19 @@ impl<E> QueryTable<E> {
         if self.head == NIL {
             return None;
         }
-        self.slots[self.head as usize].query.as_ref().map(|q| q.sent_at.saturating_add(timeout))
+        self.slots[self.head as usize]
+            .query
+            .as_ref()
+            .map(|q| q.sent_at.saturating_add(timeout))
     }
 
     fn take(&mut self, id: u16) -> Pending<E> {
         let slot = id as u32;
         self.unlink(slot);
-        let q = self.slots[id as usize].query.take().expect("taking an outstanding query");
+        let q = self.slots[id as usize]
+            .query
+            .take()
+            .expect("taking an outstanding query");
         self.free.push_back(id);
         self.len -= 1;
         q
@@ -386,7 +415,9 @@ mod tests {
     #[test]
     fn forget_drops_queries_to_one_backend() {
         let mut t: QueryTable<u8> = QueryTable::new(100, 8);
-        let ids: Vec<u16> = (0..9).map(|n| t.insert(0, n, (n % 3) as u8).unwrap()).collect();
+        let ids: Vec<u16> = (0..9)
+            .map(|n| t.insert(0, n, (n % 3) as u8).unwrap())
+            .collect();
         let mut gone = Vec::new();
         assert_eq!(t.forget(|b| *b == 1, |id, _| gone.push(id)), 3);
         assert_eq!(gone, vec![ids[1], ids[4], ids[7]]);
@@ -428,17 +459,26 @@ mod tests {
                 }
                 5..=7 => {
                     let id = rng.u16(..);
-                    let id = if rng.bool() { model.keys().next().copied().unwrap_or(id) } else { id };
+                    let id = if rng.bool() {
+                        model.keys().next().copied().unwrap_or(id)
+                    } else {
+                        id
+                    };
                     match t.answer(id, |_| true) {
-                        Reply::Answer(q) => assert_eq!(model.remove(&id).map(|m| m.0), Some(q.orig_id)),
+                        Reply::Answer(q) => {
+                            assert_eq!(model.remove(&id).map(|m| m.0), Some(q.orig_id))
+                        }
                         Reply::Orphan => assert!(!model.contains_key(&id)),
                     }
                 }
                 _ => {
                     let mut gone = Vec::new();
                     t.expire(now, timeout, |id, _| gone.push(id));
-                    let mut want: Vec<u16> =
-                        model.iter().filter(|(_, (_, at))| at + timeout <= now).map(|(id, _)| *id).collect();
+                    let mut want: Vec<u16> = model
+                        .iter()
+                        .filter(|(_, (_, at))| at + timeout <= now)
+                        .map(|(id, _)| *id)
+                        .collect();
                     gone.sort_unstable();
                     want.sort_unstable();
                     assert_eq!(gone, want);

@@ -100,12 +100,19 @@ impl std::fmt::Debug for DnsState {
 /// `max_sessions` caps the queries in flight of the service; each worker
 /// takes an even share (at most 65,536, the ID space).
 pub(crate) fn per_worker_max(max_sessions: u32, workers: usize) -> usize {
-    (max_sessions as usize).div_ceil(workers.max(1)).min(ID_SPACE)
+    (max_sessions as usize)
+        .div_ceil(workers.max(1))
+        .min(ID_SPACE)
 }
 
 impl DnsState {
     fn new(max: usize, seed: u64) -> Self {
-        DnsState { table: QueryTable::new(max, seed), pools: Slab::new(), by_id: Vec::new(), by_id_of: u64::MAX }
+        DnsState {
+            table: QueryTable::new(max, seed),
+            pools: Slab::new(),
+            by_id: Vec::new(),
+            by_id_of: u64::MAX,
+        }
     }
 
     pub(crate) fn set_max(&mut self, max: usize) {
@@ -113,7 +120,13 @@ impl DnsState {
     }
 
     /// The pool of backend `id` of `routes`, opened on first use.
-    fn pool_for(&mut self, worker: &Rc<Worker>, svc: &Rc<UdpService>, routes: &ServiceRoutes, id: usize) -> Option<usize> {
+    fn pool_for(
+        &mut self,
+        worker: &Rc<Worker>,
+        svc: &Rc<UdpService>,
+        routes: &ServiceRoutes,
+        id: usize,
+    ) -> Option<usize> {
         let snapshot = routes.snapshot.id();
         if self.by_id_of != snapshot || self.by_id.len() != routes.backends.len() {
             self.by_id_of = snapshot;
@@ -122,10 +135,19 @@ impl DnsState {
         }
         let route = routes.backends.get(id)?;
         let cached = self.by_id[id];
-        if cached != NO_POOL && self.pools.get(cached as usize).is_some_and(|p| p.addr == route.addr && !p.draining) {
+        if cached != NO_POOL
+            && self
+                .pools
+                .get(cached as usize)
+                .is_some_and(|p| p.addr == route.addr && !p.draining)
+        {
             return Some(cached as usize);
         }
-        let key = match self.pools.iter().find(|(_, p)| p.addr == route.addr && !p.draining) {
+        let key = match self
+            .pools
+            .iter()
+            .find(|(_, p)| p.addr == route.addr && !p.draining)
+        {
             Some((key, _)) => key,
             None => self.open_pool(worker, svc, route)?,
         };
@@ -133,16 +155,27 @@ impl DnsState {
         Some(key)
     }
 
-    fn open_pool(&mut self, worker: &Rc<Worker>, svc: &Rc<UdpService>, route: &BackendRoute) -> Option<usize> {
+    fn open_pool(
+        &mut self,
+        worker: &Rc<Worker>,
+        svc: &Rc<UdpService>,
+        route: &BackendRoute,
+    ) -> Option<usize> {
         let mut sockets = Vec::with_capacity(POOL_SIZE);
         for _ in 0..POOL_SIZE {
             match sluice_uring::socket::udp_connected(route.addr) {
-                Ok(socket) => {
-                    sockets.push(Rc::new(Upstream { socket, closed: Cell::new(false), stop: Notify::new() }))
-                }
+                Ok(socket) => sockets.push(Rc::new(Upstream {
+                    socket,
+                    closed: Cell::new(false),
+                    stop: Notify::new(),
+                })),
                 Err(e) => {
                     if worker.udp.may_warn() {
-                        log::warn!("{}: cannot open a UDP socket to {}: {e}", svc.name, route.addr);
+                        log::warn!(
+                            "{}: cannot open a UDP socket to {}: {e}",
+                            svc.name,
+                            route.addr
+                        );
                     }
                     break;
                 }
@@ -163,17 +196,36 @@ impl DnsState {
         });
         for (i, up) in sockets.into_iter().enumerate() {
             worker.conn_opened();
-            tokio_uring::spawn(reader(worker.clone(), svc.clone(), route.addr, key as u32, uid, i as u8, up));
+            tokio_uring::spawn(reader(
+                worker.clone(),
+                svc.clone(),
+                route.addr,
+                key as u32,
+                uid,
+                i as u8,
+                up,
+            ));
         }
-        log::debug!("worker {}: {}: opened {} upstream sockets to {}", worker.cfg.index, svc.name, POOL_SIZE, route.addr);
+        log::debug!(
+            "worker {}: {}: opened {} upstream sockets to {}",
+            worker.cfg.index,
+            svc.name,
+            POOL_SIZE,
+            route.addr
+        );
         Some(key)
     }
 
     /// Forget pool `key`: it takes no new query; it closes now if nothing
     /// is in flight on it, else when the last query is answered or expires.
     fn drain_pool(&mut self, key: usize) {
-        self.by_id.iter_mut().filter(|k| **k == key as u32).for_each(|k| *k = NO_POOL);
-        let Some(pool) = self.pools.get_mut(key) else { return };
+        self.by_id
+            .iter_mut()
+            .filter(|k| **k == key as u32)
+            .for_each(|k| *k = NO_POOL);
+        let Some(pool) = self.pools.get_mut(key) else {
+            return;
+        };
         pool.draining = true;
         if pool.outstanding == 0 {
             self.close_pool(key);
@@ -183,11 +235,16 @@ impl DnsState {
     /// Close pool `key` and drop the queries still in flight on it;
     /// returns how many were dropped.
     fn close_pool(&mut self, key: usize) -> usize {
-        let Some(pool) = self.pools.try_remove(key) else { return 0 };
+        let Some(pool) = self.pools.try_remove(key) else {
+            return 0;
+        };
         for up in &pool.sockets {
             up.close();
         }
-        self.by_id.iter_mut().filter(|k| **k == key as u32).for_each(|k| *k = NO_POOL);
+        self.by_id
+            .iter_mut()
+            .filter(|k| **k == key as u32)
+            .for_each(|k| *k = NO_POOL);
         let load = &pool.route.load;
         self.table.forget(
             |q| q.pool == key as u32 && q.pool_uid == pool.uid,
@@ -227,7 +284,10 @@ pub(super) fn from_clients(
         let max = per_worker_max(udp_settings(routes).max_sessions, worker.cfg.workers);
         DnsState::new(max, worker.rand())
     });
-    let count_active = matches!(routes.snapshot.algorithm(), Algorithm::LeastConn | Algorithm::TwoChoices);
+    let count_active = matches!(
+        routes.snapshot.algorithm(),
+        Algorithm::LeastConn | Algorithm::TwoChoices
+    );
     let mut pick_state = slot.pick.borrow_mut();
     for i in 0..n {
         let meta = batch.meta(i);
@@ -246,8 +306,15 @@ pub(super) fn from_clients(
         }
         let orig_id = u16::from_be_bytes([data[0], data[1]]);
         let local = listener.local_addr(meta.dst);
-        let ctx = PickCtx { rand: worker.rand(), now_nanos: now };
-        let Some(id) = routes.snapshot.pick(&FlowKey::udp(client, local), &ctx, &mut pick_state, &[]) else {
+        let ctx = PickCtx {
+            rand: worker.rand(),
+            now_nanos: now,
+        };
+        let Some(id) =
+            routes
+                .snapshot
+                .pick(&FlowKey::udp(client, local), &ctx, &mut pick_state, &[])
+        else {
             metrics.no_backend.inc(core);
             metrics.udp_dropped.inc(core);
             continue;
@@ -301,7 +368,15 @@ pub(super) fn from_clients(
 
 /// Relay the replies arriving on one upstream socket until it is closed;
 /// then cancel the poll and let the socket close.
-async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, backend: SocketAddr, pool: u32, uid: u32, sock: u8, up: Rc<Upstream>) {
+async fn reader(
+    worker: Rc<Worker>,
+    svc: Rc<UdpService>,
+    backend: SocketAddr,
+    pool: u32,
+    uid: u32,
+    sock: u8,
+    up: Rc<Upstream>,
+) {
     let fd = up.socket.as_raw_fd();
     let core = worker.cfg.index;
     'outer: while wait_readable(fd, &up.stop, &up.closed).await {
@@ -330,9 +405,13 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, backend: SocketAddr, po
             let latency = routes.snapshot.algorithm() == Algorithm::LeastLatency;
             let decay = routes.snapshot.options().decay_nanos;
             let mut state = svc.dns.borrow_mut();
-            let Some(dns) = state.as_mut() else { break 'outer };
+            let Some(dns) = state.as_mut() else {
+                break 'outer;
+            };
             let DnsState { table, pools, .. } = &mut *dns;
-            let Some(p) = pools.get_mut(pool as usize).filter(|p| p.uid == uid) else { break 'outer };
+            let Some(p) = pools.get_mut(pool as usize).filter(|p| p.uid == uid) else {
+                break 'outer;
+            };
             let mut drained = false;
             for i in 0..n {
                 let meta = batch.meta(i);
@@ -342,7 +421,9 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, backend: SocketAddr, po
                 }
                 let data = batch.data_mut(i);
                 let id = u16::from_be_bytes([data[0], data[1]]);
-                let q = match table.answer(id, |q| q.pool == pool && q.pool_uid == uid && q.sock == sock) {
+                let q = match table.answer(id, |q| {
+                    q.pool == pool && q.pool_uid == uid && q.sock == sock
+                }) {
                     Reply::Answer(q) => q,
                     Reply::Orphan => {
                         metrics.dns_orphan_reply.inc(core);
@@ -355,11 +436,15 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, backend: SocketAddr, po
                     p.route.load.active.fetch_sub(1, Ordering::Relaxed);
                 }
                 if latency {
-                    p.route.load.observe(now.saturating_sub(q.sent_at).max(1), now, decay);
+                    p.route
+                        .load
+                        .observe(now.saturating_sub(q.sent_at).max(1), now, decay);
                 }
                 set_message_id(data, q.orig_id);
                 let r = q.data;
-                let sent = svc.with_listener(r.listener, r.listener_uid, |l| l.send(data, r.client, r.local));
+                let sent = svc.with_listener(r.listener, r.listener_uid, |l| {
+                    l.send(data, r.client, r.local)
+                });
                 match sent {
                     Some(Ok(_)) => {
                         metrics.udp_to_client.inc(core);
@@ -388,7 +473,13 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, backend: SocketAddr, po
 }
 
 /// Expire queries unanswered for `timeout` at `now`.
-pub(super) fn expire(worker: &Worker, svc: &UdpService, routes: &ServiceRoutes, now: u64, timeout: Duration) {
+pub(super) fn expire(
+    worker: &Worker,
+    svc: &UdpService,
+    routes: &ServiceRoutes,
+    now: u64,
+    timeout: Duration,
+) {
     let mut state = svc.dns.borrow_mut();
     let Some(dns) = state.as_mut() else { return };
     let core = worker.cfg.index;
@@ -399,7 +490,10 @@ pub(super) fn expire(worker: &Worker, svc: &UdpService, routes: &ServiceRoutes, 
     let mut drained = Vec::new();
     table.expire(now, timeout, |_, q| {
         routes.metrics.dns_timeout.inc(core);
-        if let Some(p) = pools.get_mut(q.data.pool as usize).filter(|p| p.uid == q.data.pool_uid) {
+        if let Some(p) = pools
+            .get_mut(q.data.pool as usize)
+            .filter(|p| p.uid == q.data.pool_uid)
+        {
             if query_done(p) {
                 drained.push(q.data.pool as usize);
             }
@@ -422,7 +516,12 @@ pub(super) fn expire(worker: &Worker, svc: &UdpService, routes: &ServiceRoutes, 
 pub(super) fn forget_where(worker: &Worker, svc: &UdpService, gone: impl Fn(SocketAddr) -> bool) {
     let mut state = svc.dns.borrow_mut();
     let Some(dns) = state.as_mut() else { return };
-    let keys: Vec<usize> = dns.pools.iter().filter(|(_, p)| !p.draining && gone(p.addr)).map(|(k, _)| k).collect();
+    let keys: Vec<usize> = dns
+        .pools
+        .iter()
+        .filter(|(_, p)| !p.draining && gone(p.addr))
+        .map(|(k, _)| k)
+        .collect();
     for key in keys {
         let (addr, outstanding) = (dns.pools[key].addr, dns.pools[key].outstanding);
         dns.drain_pool(key);
@@ -441,7 +540,10 @@ pub(super) fn shut_down(worker: &Worker, svc: &UdpService, routes: &ServiceRoute
     if let Some(dns) = state.as_mut() {
         let keys: Vec<usize> = dns.pools.iter().map(|(k, _)| k).collect();
         let dropped: usize = keys.into_iter().map(|k| dns.close_pool(k)).sum();
-        routes.metrics.udp_dropped.add(worker.cfg.index, dropped as u64);
+        routes
+            .metrics
+            .udp_dropped
+            .add(worker.cfg.index, dropped as u64);
     }
     state.take();
 }

@@ -129,11 +129,17 @@ impl<K: Hash + Eq + Copy, T> FlowTable<K, T> {
     }
 
     pub fn get(&self, r: FlowRef) -> Option<&Flow<K, T>> {
-        self.nodes.get(r.slot).filter(|n| n.flow.id == r.id).map(|n| &n.flow)
+        self.nodes
+            .get(r.slot)
+            .filter(|n| n.flow.id == r.id)
+            .map(|n| &n.flow)
     }
 
     pub fn get_mut(&mut self, r: FlowRef) -> Option<&mut Flow<K, T>> {
-        self.nodes.get_mut(r.slot).filter(|n| n.flow.id == r.id).map(|n| &mut n.flow)
+        self.nodes
+            .get_mut(r.slot)
+            .filter(|n| n.flow.id == r.id)
+            .map(|n| &mut n.flow)
     }
 
     /// Add a flow for `key` (which must not have one) seen at `now`.
@@ -156,7 +162,11 @@ impl<K: Hash + Eq + Copy, T> FlowTable<K, T> {
             datagrams_out: 0,
             data,
         };
-        let slot = self.nodes.insert(Node { flow, prev: NIL, next: NIL });
+        let slot = self.nodes.insert(Node {
+            flow,
+            prev: NIL,
+            next: NIL,
+        });
         self.push_tail(slot);
         let r = FlowRef { slot, id };
         if let Some(old) = self.index.insert(key, r) {
@@ -228,8 +238,17 @@ impl<K: Hash + Eq + Copy, T> FlowTable<K, T> {
 
     /// Remove every flow for which `forget` is true, handing each to `out`.
     /// A full scan: for rare events (a backend went down, a listener closed).
-    pub fn forget(&mut self, mut forget: impl FnMut(&Flow<K, T>) -> bool, mut out: impl FnMut(Flow<K, T>)) -> usize {
-        let slots: Vec<usize> = self.nodes.iter().filter(|(_, n)| forget(&n.flow)).map(|(s, _)| s).collect();
+    pub fn forget(
+        &mut self,
+        mut forget: impl FnMut(&Flow<K, T>) -> bool,
+        mut out: impl FnMut(Flow<K, T>),
+    ) -> usize {
+        let slots: Vec<usize> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| forget(&n.flow))
+            .map(|(s, _)| s)
+            .collect();
         for &slot in &slots {
             out(self.take(slot));
         }
@@ -254,7 +273,11 @@ impl<K: Hash + Eq + Copy, T> FlowTable<K, T> {
     fn take(&mut self, slot: usize) -> Flow<K, T> {
         self.unlink(slot);
         let node = self.nodes.remove(slot);
-        if self.index.get(&node.flow.key).is_some_and(|r| r.slot == slot) {
+        if self
+            .index
+            .get(&node.flow.key)
+            .is_some_and(|r| r.slot == slot)
+        {
             self.index.remove(&node.flow.key);
         }
         node.flow
@@ -305,9 +328,18 @@ impl<K: Hash + Eq + Copy, T> FlowTable<K, T> {
         while cur != NIL {
             let n = &self.nodes[cur];
             assert_eq!(n.prev, prev);
-            assert!(n.flow.last_seen >= last_seen, "list not ordered by last activity");
+            assert!(
+                n.flow.last_seen >= last_seen,
+                "list not ordered by last activity"
+            );
             last_seen = n.flow.last_seen;
-            assert_eq!(self.index.get(&n.flow.key), Some(&FlowRef { slot: cur, id: n.flow.id }));
+            assert_eq!(
+                self.index.get(&n.flow.key),
+                Some(&FlowRef {
+                    slot: cur,
+                    id: n.flow.id
+                })
+            );
             prev = cur;
             cur = n.next;
             seen += 1;
@@ -411,7 +443,10 @@ mod tests {
         assert!(t.remove(old).is_some());
         let new = t.insert(2, (), 0).unwrap();
         assert_ne!(old, new);
-        assert!(!t.record_in(old, 1, S), "stale handle must not touch the new flow");
+        assert!(
+            !t.record_in(old, 1, S),
+            "stale handle must not touch the new flow"
+        );
         assert!(t.get(old).is_none());
         assert!(t.remove(old).is_none());
         assert_eq!(t.get(new).unwrap().datagrams_in, 0);

@@ -72,7 +72,10 @@ pub(crate) struct UdpWorker {
 impl fmt::Debug for UdpWorker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UdpWorker")
-            .field("services", &self.services.borrow().keys().collect::<Vec<_>>())
+            .field(
+                "services",
+                &self.services.borrow().keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -102,7 +105,11 @@ impl UdpWorker {
     /// True at most once per [`WARN_EVERY`]: callers log only then.
     fn may_warn(&self) -> bool {
         let now = Instant::now();
-        if self.last_warn.get().is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+        if self
+            .last_warn
+            .get()
+            .is_some_and(|t| now.duration_since(t) < WARN_EVERY)
+        {
             return false;
         }
         self.last_warn.set(Some(now));
@@ -128,19 +135,32 @@ pub(crate) struct Listener {
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Listener").field("addr", &self.addr).field("uid", &self.uid).finish()
+        f.debug_struct("Listener")
+            .field("addr", &self.addr)
+            .field("uid", &self.uid)
+            .finish()
     }
 }
 
 impl Listener {
     /// Send `data` to `client` from the address it sent to.
     #[inline]
-    pub fn send(&self, data: &[u8], client: SocketAddr, local: Option<PktInfo>) -> io::Result<usize> {
+    pub fn send(
+        &self,
+        data: &[u8],
+        client: SocketAddr,
+        local: Option<PktInfo>,
+    ) -> io::Result<usize> {
         let socket = self.socket.borrow();
         let Some(socket) = socket.as_ref() else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        uudp::send_to(socket.as_raw_fd(), data, Some(client), if self.wildcard { local } else { None })
+        uudp::send_to(
+            socket.as_raw_fd(),
+            data,
+            Some(client),
+            if self.wildcard { local } else { None },
+        )
     }
 
     /// The local address a datagram with PKTINFO `dst` was sent to.
@@ -232,14 +252,26 @@ impl UdpService {
 
     /// The listener `key` if it is still the one with `uid`.
     pub fn listener(&self, key: u32, uid: u32) -> Option<Rc<Listener>> {
-        self.listeners.borrow().get(key as usize).filter(|l| l.uid == uid).cloned()
+        self.listeners
+            .borrow()
+            .get(key as usize)
+            .filter(|l| l.uid == uid)
+            .cloned()
     }
 
     /// Run `f` with the listener `key`/`uid` without cloning its `Rc`.
     #[inline]
-    pub fn with_listener<R>(&self, key: u32, uid: u32, f: impl FnOnce(&Listener) -> R) -> Option<R> {
+    pub fn with_listener<R>(
+        &self,
+        key: u32,
+        uid: u32,
+        f: impl FnOnce(&Listener) -> R,
+    ) -> Option<R> {
         let listeners = self.listeners.borrow();
-        listeners.get(key as usize).filter(|l| l.uid == uid).map(|l| f(l))
+        listeners
+            .get(key as usize)
+            .filter(|l| l.uid == uid)
+            .map(|l| f(l))
     }
 
     /// Bring the flows in line with new routes: flows (and dns queries) on
@@ -252,9 +284,14 @@ impl UdpService {
         }
         self.seen_snapshot.set(id);
         let settings = udp_settings(routes);
-        self.session.borrow_mut().set_max(settings.max_sessions as usize);
+        self.session
+            .borrow_mut()
+            .set_max(settings.max_sessions as usize);
         if let Some(dns) = self.dns.borrow_mut().as_mut() {
-            dns.set_max(dnsmode::per_worker_max(settings.max_sessions, worker.cfg.workers));
+            dns.set_max(dnsmode::per_worker_max(
+                settings.max_sessions,
+                worker.cfg.workers,
+            ));
         }
         // Cheap when nothing changed: the sets are small.
         let healthy: Vec<SocketAddr> = routes
@@ -289,7 +326,9 @@ impl UdpService {
         } else {
             EndReason::BackendRemoved
         };
-        session::forget_where(worker, self, &routes, |addr| (addr == backend).then_some(reason));
+        session::forget_where(worker, self, &routes, |addr| {
+            (addr == backend).then_some(reason)
+        });
         dnsmode::forget_where(worker, self, |addr| addr == backend);
     }
 
@@ -312,7 +351,13 @@ impl UdpService {
 
     /// Receive and handle one batch from `listener`. True if the batch was
     /// full (more may be queued).
-    fn read_listener(&self, worker: &Rc<Worker>, svc: &Rc<UdpService>, listener: &Listener, fd: RawFd) -> bool {
+    fn read_listener(
+        &self,
+        worker: &Rc<Worker>,
+        svc: &Rc<UdpService>,
+        listener: &Listener,
+        fd: RawFd,
+    ) -> bool {
         let mut batch = worker.udp.batch.borrow_mut();
         let n = match batch.recv(fd) {
             Ok(n) => n,
@@ -330,8 +375,12 @@ impl UdpService {
         self.sync_routes(worker, &routes);
         let now = now_nanos();
         match udp_settings(&routes).mode {
-            UdpMode::Session => session::from_clients(worker, svc, &slot, &routes, listener, &mut batch, n, now),
-            UdpMode::Dns => dnsmode::from_clients(worker, svc, &slot, &routes, listener, &mut batch, n, now),
+            UdpMode::Session => {
+                session::from_clients(worker, svc, &slot, &routes, listener, &mut batch, n, now)
+            }
+            UdpMode::Dns => {
+                dnsmode::from_clients(worker, svc, &slot, &routes, listener, &mut batch, n, now)
+            }
         }
         n == batch.capacity()
     }
@@ -340,7 +389,9 @@ impl UdpService {
     /// control thread (passive health), at most every 500 ms per backend.
     fn backend_refused(&self, worker: &Worker, backend: SocketAddr, now: u64) {
         let mut refused = self.refused.borrow_mut();
-        let due = refused.get(&backend).is_none_or(|&at| now.saturating_sub(at) >= REFUSED_REPORT_EVERY);
+        let due = refused
+            .get(&backend)
+            .is_none_or(|&at| now.saturating_sub(at) >= REFUSED_REPORT_EVERY);
         if due {
             refused.insert(backend, now);
             drop(refused);
@@ -435,12 +486,22 @@ pub(crate) fn forget_backend(worker: &Worker, service: &str, backend: SocketAddr
     }
 }
 
-async fn listener_task(worker: Rc<Worker>, svc: Rc<UdpService>, listener: Rc<Listener>, mut stop: watch::Receiver<bool>) {
+async fn listener_task(
+    worker: Rc<Worker>,
+    svc: Rc<UdpService>,
+    listener: Rc<Listener>,
+    mut stop: watch::Receiver<bool>,
+) {
     let fd = match listener.socket.borrow().as_ref() {
         Some(s) => s.as_raw_fd(),
         None => return,
     };
-    log::debug!("worker {}: serving UDP {} for {}", worker.cfg.index, listener.addr, svc.name);
+    log::debug!(
+        "worker {}: serving UDP {} for {}",
+        worker.cfg.index,
+        listener.addr,
+        svc.name
+    );
     loop {
         if *stop.borrow() {
             break;
@@ -474,7 +535,11 @@ async fn listener_task(worker: Rc<Worker>, svc: Rc<UdpService>, listener: Rc<Lis
     {
         let slot = svc.slot();
         let routes = slot.routes.borrow();
-        let reason = if worker.draining.get() { EndReason::Shutdown } else { EndReason::ListenerClosed };
+        let reason = if worker.draining.get() {
+            EndReason::Shutdown
+        } else {
+            EndReason::ListenerClosed
+        };
         session::listener_closed(&worker, &svc, &routes, &listener, reason);
     }
     if svc.listeners.borrow().is_empty() {
@@ -484,7 +549,12 @@ async fn listener_task(worker: Rc<Worker>, svc: Rc<UdpService>, listener: Rc<Lis
             services.remove(&svc.name);
         }
     }
-    log::debug!("worker {}: UDP listener {} of {} closed", worker.cfg.index, listener.addr, svc.name);
+    log::debug!(
+        "worker {}: UDP listener {} of {} closed",
+        worker.cfg.index,
+        listener.addr,
+        svc.name
+    );
     worker.conn_closed();
 }
 

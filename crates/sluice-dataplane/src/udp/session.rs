@@ -17,7 +17,9 @@ use sluice_uring::udp::{PktInfo, RecvBatch};
 use tokio::sync::Notify;
 
 use super::flows::{Flow, FlowRef, FlowTable, Full};
-use super::{send_upstream, udp_settings, wait_readable, EndReason, Listener, UdpService, ROUNDS_PER_WAKE};
+use super::{
+    send_upstream, udp_settings, wait_readable, EndReason, Listener, UdpService, ROUNDS_PER_WAKE,
+};
 use crate::routes::{BackendRoute, ServiceRoutes};
 use crate::worker::{now_nanos, ServiceSlot, Worker};
 
@@ -38,7 +40,9 @@ pub(crate) struct FlowIo {
 
 impl std::fmt::Debug for FlowIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowIo").field("backend", &self.route.addr).finish_non_exhaustive()
+        f.debug_struct("FlowIo")
+            .field("backend", &self.route.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,7 +72,9 @@ pub(super) fn from_clients(
         let data = batch.data(i);
         let r = match table.lookup(&key) {
             Some(r) => r,
-            None => match open_flow(worker, svc, slot, routes, listener, &mut table, key, meta.dst, now) {
+            None => match open_flow(
+                worker, svc, slot, routes, listener, &mut table, key, meta.dst, now,
+            ) {
                 Some(r) => r,
                 None => {
                     metrics.udp_dropped.inc(core);
@@ -81,7 +87,10 @@ pub(super) fn from_clients(
         match send_upstream(io.socket.as_raw_fd(), data) {
             Ok(_) => {
                 metrics.udp_to_backend.inc(core);
-                io.route.metrics.bytes_to_backend.add(core, data.len() as u64);
+                io.route
+                    .metrics
+                    .bytes_to_backend
+                    .add(core, data.len() as u64);
                 table.record_in(r, data.len(), now);
             }
             Err(_) => metrics.udp_dropped.inc(core),
@@ -112,8 +121,13 @@ fn open_flow(
         return None;
     }
     let flow = FlowKey::udp(key.0, key.1);
-    let ctx = PickCtx { rand: worker.rand(), now_nanos: now };
-    let picked = routes.snapshot.pick(&flow, &ctx, &mut slot.pick.borrow_mut(), &[]);
+    let ctx = PickCtx {
+        rand: worker.rand(),
+        now_nanos: now,
+    };
+    let picked = routes
+        .snapshot
+        .pick(&flow, &ctx, &mut slot.pick.borrow_mut(), &[]);
     let Some(route) = picked.and_then(|id| routes.backends.get(id as usize)) else {
         routes.limit.active.fetch_sub(1, Ordering::AcqRel);
         routes.metrics.no_backend.inc(core);
@@ -124,7 +138,11 @@ fn open_flow(
         Err(e) => {
             routes.limit.active.fetch_sub(1, Ordering::AcqRel);
             if worker.udp.may_warn() {
-                log::warn!("{}: cannot open a UDP socket to {}: {e}", svc.name, route.addr);
+                log::warn!(
+                    "{}: cannot open a UDP socket to {}: {e}",
+                    svc.name,
+                    route.addr
+                );
             }
             return None;
         }
@@ -179,7 +197,11 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, r: FlowRef, io: Rc<Flow
                     if let Some(flow) = flow {
                         let slot = svc.slot();
                         let routes = slot.routes.borrow();
-                        let reason = if refused { EndReason::BackendRefused } else { EndReason::Error };
+                        let reason = if refused {
+                            EndReason::BackendRefused
+                        } else {
+                            EndReason::Error
+                        };
                         end_flow(&worker, &routes, flow, reason, now);
                     }
                     break 'outer;
@@ -204,7 +226,10 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, r: FlowRef, io: Rc<Flow
                 match io.listener.send(data, client, io.local) {
                     Ok(_) => {
                         metrics.udp_to_client.inc(core);
-                        io.route.metrics.bytes_to_client.add(core, data.len() as u64);
+                        io.route
+                            .metrics
+                            .bytes_to_client
+                            .add(core, data.len() as u64);
                         table.record_out(r, data.len(), now);
                     }
                     Err(_) => metrics.udp_dropped.inc(core),
@@ -225,7 +250,13 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, r: FlowRef, io: Rc<Flow
 
 /// End a flow taken out of the table: stop its reader, update the gauges
 /// and counters, write the access log line.
-fn end_flow(worker: &Worker, routes: &ServiceRoutes, flow: Flow<SessionKey, Rc<FlowIo>>, reason: EndReason, now: u64) {
+fn end_flow(
+    worker: &Worker,
+    routes: &ServiceRoutes,
+    flow: Flow<SessionKey, Rc<FlowIo>>,
+    reason: EndReason,
+    now: u64,
+) {
     let core = worker.cfg.index;
     let io = &flow.data;
     io.closed.set(true);
@@ -252,10 +283,18 @@ fn end_flow(worker: &Worker, routes: &ServiceRoutes, flow: Flow<SessionKey, Rc<F
 }
 
 /// Expire flows idle for `timeout` at `now`.
-pub(super) fn expire(worker: &Worker, svc: &UdpService, routes: &ServiceRoutes, now: u64, timeout: Duration) {
+pub(super) fn expire(
+    worker: &Worker,
+    svc: &UdpService,
+    routes: &ServiceRoutes,
+    now: u64,
+    timeout: Duration,
+) {
     let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
     let mut ended = Vec::new();
-    svc.session.borrow_mut().expire(now, timeout, |f| ended.push(f));
+    svc.session
+        .borrow_mut()
+        .expire(now, timeout, |f| ended.push(f));
     for flow in ended {
         end_flow(worker, routes, flow, EndReason::IdleTimeout, now);
     }
@@ -273,7 +312,10 @@ pub(super) fn forget_where(
     }
     let now = now_nanos();
     let mut ended = Vec::new();
-    svc.session.borrow_mut().forget(|f| reason_for(f.data.route.addr).is_some(), |f| ended.push(f));
+    svc.session.borrow_mut().forget(
+        |f| reason_for(f.data.route.addr).is_some(),
+        |f| ended.push(f),
+    );
     for flow in ended {
         let reason = reason_for(flow.data.route.addr).unwrap_or(EndReason::Error);
         end_flow(worker, routes, flow, reason, now);
@@ -293,7 +335,10 @@ pub(super) fn listener_closed(
     }
     let now = now_nanos();
     let mut ended = Vec::new();
-    svc.session.borrow_mut().forget(|f| Rc::ptr_eq(&f.data.listener, listener), |f| ended.push(f));
+    svc.session.borrow_mut().forget(
+        |f| Rc::ptr_eq(&f.data.listener, listener),
+        |f| ended.push(f),
+    );
     for flow in ended {
         end_flow(worker, routes, flow, reason, now);
     }
