@@ -8,8 +8,9 @@
 # which takes longer), runs `sluice check` on every example config, then a
 # live demo on loopback: two TCP backends behind sluice, connections and
 # where they went, a backend failing over, a SIGHUP reload adding a
-# backend, the admin endpoint, and a clean SIGTERM. It exits non-zero if
-# any step fails.
+# backend, the admin endpoint, and a clean SIGTERM; then DNS fan-out: three
+# knotd resolvers behind sluice in dns mode, queries balanced one by one,
+# and a resolver failing over. It exits non-zero if any step fails.
 #
 # Root is used only to install packages (through scripts/test.sh
 # --install-only); the build and the demo run as the user who called sudo.
@@ -216,6 +217,104 @@ tcp_demo() {
     ((status == 0)) || die "sluice did not exit cleanly"
 }
 
+# A knotd serving zone `test.` (who.test TXT = its name) on 127.0.0.1:$2.
+start_knot() { # name port
+    local name=$1 port=$2 dir="$DEMO_DIR/knot-$1" knotd
+    knotd=$(command -v knotd || echo /usr/sbin/knotd)
+    [[ -x "$knotd" ]] || die "knotd not found (Debian package knot)"
+    mkdir -p "$dir/db"
+    cat >"$dir/test.zone" <<ZONE
+\$ORIGIN test.
+\$TTL 60
+@ IN SOA ns.test. admin.test. 1 3600 600 86400 60
+@ IN NS ns.test.
+ns IN A 127.0.0.1
+www IN A 192.0.2.1
+who IN TXT "$name"
+ZONE
+    cat >"$dir/knot.conf" <<CONF
+server:
+    rundir: "$dir"
+    listen: 127.0.0.1@$port
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$dir/db"
+control:
+    listen: "$dir/knot.sock"
+log:
+  - target: stderr
+    any: error
+zone:
+  - domain: test
+    storage: "$dir"
+    file: "test.zone"
+CONF
+    "$knotd" -c "$dir/knot.conf" 2>"$dir/knotd.log" &
+    PIDS+=($!)
+    local i
+    for ((i = 0; i < 100; i++)); do
+        kdig -p "$port" @127.0.0.1 who.test TXT +short +timeout=1 +retry=0 2>/dev/null | grep -q "$name" && return 0
+        sleep 0.1
+    done
+    cat "$dir/knotd.log" >&2
+    die "knotd $name did not start"
+}
+
+dns_demo() {
+    command -v kdig >/dev/null || die "kdig not found (Debian package knot-dnsutils)"
+    local lb_port k1 k2 k3 config="$DEMO_DIR/dns.yaml" log="$DEMO_DIR/dns.log"
+    lb_port=$(free_port udp) k1=$(free_port udp) k2=$(free_port udp) k3=$(free_port udp)
+
+    say "DNS: three knotd resolvers (k1, k2, k3) and sluice in dns mode in front"
+    start_knot k1 "$k1"
+    start_knot k2 "$k2"
+    start_knot k3 "$k3"
+    cat >"$config" <<YAML
+workers: 2
+services:
+  - name: dns
+    protocol: udp
+    listen: ["127.0.0.1:$lb_port"]
+    balance: round_robin
+    udp: { mode: dns, query_timeout: 2s }
+    health_check: { kind: dns, query: "www.test. A", interval: 200ms, timeout: 100ms, fall: 2, rise: 2 }
+    backends:
+      - address: "127.0.0.1:$k1"
+      - address: "127.0.0.1:$k2"
+      - address: "127.0.0.1:$k3"
+YAML
+    sed 's/^/    /' "$config"
+    "$SLUICE" run --config "$config" 2>"$log" &
+    local lb=$!
+    PIDS+=("$lb")
+    wait_for_log "$log" "sluice started"
+
+    say "kdig through sluice: www.test A"
+    kdig -p "$lb_port" @127.0.0.1 www.test A +short +timeout=2 | sed 's/^/    /'
+
+    say "12 queries for who.test TXT: each is balanced on its own"
+    local i
+    for ((i = 0; i < 12; i++)); do
+        kdig -p "$lb_port" @127.0.0.1 who.test TXT +short +timeout=2 +retry=0
+    done | sort | uniq -c | sed 's/^/    /'
+
+    say "k3 stops: the dns health check marks it down, queries go to k1 and k2"
+    kill "${PIDS[-2]}"
+    wait_for_log "$log" "is DOWN"
+    grep -- "is DOWN" "$log" | tail -n 1 | sed 's/^/    log: /'
+    for ((i = 0; i < 8; i++)); do
+        kdig -p "$lb_port" @127.0.0.1 who.test TXT +short +timeout=2 +retry=0
+    done | sort | uniq -c | sed 's/^/    /'
+
+    kill -TERM "$lb"
+    local status=0
+    wait "$lb" || status=$?
+    echo "    sluice exited with status $status"
+    ((status == 0)) || die "sluice did not exit cleanly"
+}
+
 main() {
     local arg
     for arg in "$@"; do
@@ -235,6 +334,7 @@ main() {
     build
     check_configs
     tcp_demo
+    dns_demo
     say "demo finished"
 }
 
