@@ -687,7 +687,7 @@ fn respond(shared: &AdminShared, req: &Request<Incoming>) -> Response<Body> {
         return r;
     }
     match page {
-        Page::Healthz => text(StatusCode::OK, "ok\n"),
+        Page::Healthz => text(StatusCode::OK, "ok"),
         Page::Metrics => {
             let view = shared.view();
             let body = view.metrics_text(shared.global());

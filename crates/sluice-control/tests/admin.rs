@@ -283,7 +283,7 @@ fn healthz_answers_ok() {
     let f = Fixture::start();
     let r = get(f.addr(), "/healthz");
     assert_eq!(r.status, 200);
-    assert_eq!(r.body.trim_end(), "ok");
+    assert_eq!(r.body, "ok", "the body is exactly `ok`");
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
 }
 

@@ -197,11 +197,7 @@ async fn pump(
     let mut splicing = mode == Mode::Splice;
     let auto = mode == Mode::Auto;
     loop {
-        let pipe = if splicing {
-            worker.pipes.borrow_mut().get()
-        } else {
-            None
-        };
+        let pipe = if splicing { worker.take_pipe() } else { None };
         let round = match pipe {
             Some(mut pipe) => {
                 let r = splice_round(&mut pipe, src, dst, activity, count, &on_bytes).await;

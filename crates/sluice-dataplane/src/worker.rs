@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use sluice_balance::PickState;
@@ -148,6 +148,8 @@ pub(crate) struct Worker {
     pub hard_stop: watch::Sender<bool>,
     pub draining: Cell<bool>,
     rng: RefCell<fastrand::Rng>,
+    /// When the "pipe pool exhausted" note was last logged.
+    pipe_note: Cell<Option<Instant>>,
     /// Consecutive connect failures per backend seen by this worker.
     fail_streak: RefCell<HashMap<(String, SocketAddr), u32>>,
     /// UDP services (session and dns modes) of this worker.
@@ -159,6 +161,28 @@ const MAX_IDLE_BUFS: usize = 64;
 impl Worker {
     pub fn rand(&self) -> u64 {
         self.rng.borrow_mut().u64(..)
+    }
+
+    /// A pipe for splice, or `None` (the caller copies instead). When the
+    /// pool runs dry, say so once a minute: operators may want more pipe
+    /// memory (`fs.pipe-user-pages-soft`) for this worker count.
+    pub fn take_pipe(&self) -> Option<sluice_uring::pipe::Pipe> {
+        let mut pool = self.pipes.borrow_mut();
+        let pipe = pool.get();
+        if pipe.is_none()
+            && self
+                .pipe_note
+                .get()
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            self.pipe_note.set(Some(Instant::now()));
+            log::info!(
+                "worker {}: splice pipe pool exhausted ({} pipes in use); copying through buffers until pipes free up",
+                self.cfg.index,
+                pool.in_use()
+            );
+        }
+        pipe
     }
 
     pub fn take_buf(&self) -> Vec<u8> {
@@ -363,6 +387,7 @@ fn run(
         hard_stop,
         draining: Cell::new(false),
         rng: RefCell::new(fastrand::Rng::with_seed(seed)),
+        pipe_note: Cell::new(None),
         fail_streak: RefCell::new(HashMap::new()),
         udp: crate::udp::UdpWorker::new(),
     });
