@@ -24,9 +24,14 @@ fn base_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket
 }
 
 /// A non-blocking TCP listener with SO_REUSEADDR, SO_REUSEPORT (one per
-/// worker on the same address), IPV6_V6ONLY for IPv6 and a real `backlog`.
+/// worker on the same address), IPV6_V6ONLY for IPv6, TCP_NODELAY (inherited
+/// by accepted sockets) and a real `backlog`.
 pub fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     let socket = base_socket(addr, Type::STREAM, Protocol::TCP)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener: a proxy must
+    // not hold back small segments (Nagle), and this costs no syscall per
+    // connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())

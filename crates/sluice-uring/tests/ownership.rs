@@ -152,3 +152,16 @@ fn splice_through_pooled_pipe() {
         op::close(c).await;
     });
 }
+
+/// Accepted sockets inherit TCP_NODELAY from the listener.
+#[test]
+fn accepted_sockets_have_nodelay() {
+    runtime::start(64, async {
+        let listener = loopback_listener();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
+        let (stream, _) = socket::accept(&listener).unwrap();
+        assert!(stream.nodelay().unwrap());
+        op::close(stream).await;
+    });
+}
