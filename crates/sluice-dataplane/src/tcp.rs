@@ -187,16 +187,27 @@ async fn connection(
     let routes = slot.routes();
     let started = Instant::now();
     let outcome = serve(&worker, &slot, &routes, &client, peer, local).await;
-    let (reason, backend, up, down) = match &outcome {
+    let (reason, backend, up, down, polled) = match &outcome {
         Served::Proxied {
             backend,
             reason,
             to_backend,
             to_client,
-        } => (*reason, Some(*backend), *to_backend, *to_client),
-        Served::NotProxied(reason) => (*reason, None, 0, 0),
+            client_polled,
+        } => (
+            *reason,
+            Some(*backend),
+            *to_backend,
+            *to_client,
+            *client_polled,
+        ),
+        Served::NotProxied(reason, polled) => (*reason, None, 0, 0, *polled),
     };
-    op::close(client).await;
+    if polled {
+        op::close(client).await;
+    } else {
+        drop(client);
+    }
     if routes.service.access_log {
         let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
         log::info!(
@@ -211,14 +222,17 @@ async fn connection(
     worker.conn_closed();
 }
 
+/// How a connection was served, and whether an io_uring operation may still
+/// be in flight on the client socket.
 enum Served {
     Proxied {
         backend: SocketAddr,
         reason: EndReason,
         to_backend: u64,
         to_client: u64,
+        client_polled: bool,
     },
-    NotProxied(EndReason),
+    NotProxied(EndReason, bool),
 }
 
 async fn serve(
@@ -233,7 +247,10 @@ async fn serve(
     let svc = &routes.service;
     let flow = FlowKey::tcp(peer, local);
     let mut tried: Vec<u32> = Vec::new();
-    let (id, stream) = loop {
+    // Whether an io_uring poll may still be in flight on the client socket
+    // (then it is closed with a kernel cancel first).
+    let mut client_polled = false;
+    let (id, stream, backend_polled) = loop {
         let ctx = PickCtx {
             rand: worker.rand(),
             now_nanos: now_nanos(),
@@ -244,12 +261,12 @@ async fn serve(
         let Some(id) = pick else {
             if tried.is_empty() {
                 routes.metrics.no_backend.inc(core);
-                return Served::NotProxied(EndReason::NoBackend);
+                return Served::NotProxied(EndReason::NoBackend, client_polled);
             }
-            return Served::NotProxied(EndReason::ConnectFailure);
+            return Served::NotProxied(EndReason::ConnectFailure, client_polled);
         };
         let Some(backend) = routes.backends.get(id as usize) else {
-            return Served::NotProxied(EndReason::Error);
+            return Served::NotProxied(EndReason::Error, client_polled);
         };
         backend.load.active.fetch_add(1, Ordering::Relaxed);
         let t0 = Instant::now();
@@ -257,8 +274,13 @@ async fn serve(
             Ok(stream) => {
                 let took = t0.elapsed().as_nanos() as u64;
                 match established(worker, routes, client, &stream, peer, local).await {
-                    Ok(()) => Ok((stream, took)),
+                    Ok(polled) => {
+                        client_polled |= polled;
+                        Ok((stream, took, polled))
+                    }
                     Err(why) => {
+                        // The race may have left a poll on the client too.
+                        client_polled = true;
                         op::close(stream).await;
                         Err(Failed::Backend(why))
                     }
@@ -267,11 +289,11 @@ async fn serve(
             Err(failed) => Err(failed),
         };
         match attempt {
-            Ok((stream, took)) => {
+            Ok((stream, took, polled)) => {
                 backend.metrics.connect_duration.observe_nanos(core, took);
                 backend.load.observe(took, now_nanos(), 10_000_000_000);
                 worker.report_connect(&svc.name, backend.addr, None);
-                break (id, stream);
+                break (id, stream, polled);
             }
             Err(failed) => {
                 backend.load.active.fetch_sub(1, Ordering::Relaxed);
@@ -287,7 +309,7 @@ async fn serve(
                 }
                 tried.push(id);
                 if tried.len() > svc.connect_retries as usize {
-                    return Served::NotProxied(EndReason::ConnectFailure);
+                    return Served::NotProxied(EndReason::ConnectFailure, client_polled);
                 }
             }
         }
@@ -310,14 +332,21 @@ async fn serve(
         End::ClientError => EndReason::ClientClose,
         End::BackendError => EndReason::BackendClose,
     };
+    // When both directions ended by themselves nothing is in flight, and a
+    // plain close is enough; otherwise cancel in the kernel first.
+    let unclean = !stats.end.is_clean();
     let served = Served::Proxied {
         backend: backend.addr,
         reason,
         to_backend: stats.to_backend,
         to_client: stats.to_client,
+        client_polled: client_polled || unclean,
     };
-    let _ = stream.shutdown(Shutdown::Both);
-    op::close(stream).await;
+    if backend_polled || unclean {
+        op::close(stream).await;
+    } else {
+        drop(stream);
+    }
     backend.metrics.active.add(core, -1);
     backend.load.active.fetch_sub(1, Ordering::Relaxed);
     served
@@ -342,6 +371,10 @@ fn classify(e: &io::Error) -> ConnectFailure {
 /// connection counts as established as soon as the client sends (or
 /// closes), the backend sends its first byte, or `connect_timeout` passes
 /// with both quiet. No latency is added: the first event decides.
+///
+/// Returns whether a poll may still be in flight on either socket (then it
+/// must be closed with `op::close`). In the common case the client's first
+/// bytes are already there and no poll is needed at all.
 async fn established(
     worker: &Worker,
     routes: &ServiceRoutes,
@@ -349,7 +382,7 @@ async fn established(
     backend: &TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Result<(), ConnectFailure> {
+) -> Result<bool, ConnectFailure> {
     let svc = &routes.service;
     let header = match svc.proxy_protocol {
         ProxyProtocol::None => None,
@@ -361,16 +394,30 @@ async fn established(
             .await
             .map_err(|e| classify(&e))?;
     }
+    let mut byte = [0u8; 1];
+    // Fast path, no waiting: the backend already reset, or already spoke,
+    // or the client already sent (or closed).
+    match backend.peek(&mut byte) {
+        Ok(0) => return Err(ConnectFailure::Reset),
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e) => return Err(classify(&e)),
+    }
+    match client.peek(&mut byte) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        // Data, EOF or an error: the proxy handles it from here.
+        _ => return Ok(false),
+    }
     let mut hard = worker.hard_stop.subscribe();
     if *hard.borrow_and_update() {
-        return Ok(()); // shutting down: the proxy closes at once
+        return Ok(false); // shutting down: the proxy closes at once
     }
     let deadline = tokio::time::Instant::now() + svc.connect_timeout;
-    let mut byte = [0u8; 1];
     loop {
         match backend.peek(&mut byte) {
             Ok(0) => return Err(ConnectFailure::Reset),
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(classify(&e)),
@@ -384,9 +431,9 @@ async fn established(
                     return Err(classify(&e));
                 }
             }
-            _ = op::poll(client.as_raw_fd(), op::READABLE) => return Ok(()),
-            _ = tokio::time::sleep_until(deadline) => return Ok(()),
-            _ = hard.changed() => return Ok(()),
+            _ = op::poll(client.as_raw_fd(), op::READABLE) => return Ok(true),
+            _ = tokio::time::sleep_until(deadline) => return Ok(true),
+            _ = hard.changed() => return Ok(true),
         }
     }
 }

@@ -49,6 +49,14 @@ pub(crate) enum End {
     BackendError,
 }
 
+impl End {
+    /// Both directions finished by themselves: no operation is in flight
+    /// on either socket, so they can be closed without a kernel cancel.
+    pub(crate) fn is_clean(self) -> bool {
+        matches!(self, End::ClientClosed | End::BackendClosed)
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Stats {
     pub end: End,
@@ -268,6 +276,13 @@ async fn copy_round(
                 if moved >= YIELD_EVERY {
                     return Ok(Round::Busy);
                 }
+                if n < buf.len() {
+                    // A short read: the socket is (almost surely) drained.
+                    // Wait for more instead of paying a read that would
+                    // only say EAGAIN; the poll completes at once if more
+                    // has arrived meanwhile.
+                    return Ok(Round::Again);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -286,9 +301,10 @@ async fn splice_round(
 ) -> Result<Round, PumpError> {
     let mut moved = 0u64;
     loop {
+        let room = pipe.room();
         match pipe.fill_from(src) {
             Ok(0) => return Ok(Round::Eof),
-            Ok(_) => {
+            Ok(filled) => {
                 while pipe.pending() > 0 {
                     match pipe.drain_to(dst) {
                         Ok(n) => {
@@ -308,6 +324,10 @@ async fn splice_round(
                 activity.set(Instant::now());
                 if moved >= YIELD_EVERY {
                     return Ok(Round::Busy);
+                }
+                if filled < room {
+                    // Short: the socket is drained (see copy_round).
+                    return Ok(Round::Again);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),
