@@ -33,6 +33,8 @@ pub(crate) enum Mode {
 
 /// A read this large in `auto` mode switches the direction to splice.
 const AUTO_SPLICE_THRESHOLD: usize = 64 * 1024;
+/// A read shorter than this is taken to have drained the socket.
+const SMALL_READ: usize = 16 * 1024;
 /// Bytes a direction moves before it yields to other tasks.
 const YIELD_EVERY: u64 = 4 << 20;
 
@@ -276,11 +278,13 @@ async fn copy_round(
                 if moved >= YIELD_EVERY {
                     return Ok(Round::Busy);
                 }
-                if n < buf.len() {
-                    // A short read: the socket is (almost surely) drained.
-                    // Wait for more instead of paying a read that would
-                    // only say EAGAIN; the poll completes at once if more
-                    // has arrived meanwhile.
+                if n < SMALL_READ {
+                    // A small read (request/response traffic): the socket
+                    // is almost surely drained. Wait for more instead of
+                    // paying a read that would only say EAGAIN; the poll
+                    // completes at once if more has arrived meanwhile. Bulk
+                    // flows keep reading: for them another read is cheaper
+                    // than a poll round trip.
                     return Ok(Round::Again);
                 }
             }
@@ -325,8 +329,8 @@ async fn splice_round(
                 if moved >= YIELD_EVERY {
                     return Ok(Round::Busy);
                 }
-                if filled < room {
-                    // Short: the socket is drained (see copy_round).
+                if filled < SMALL_READ.min(room) {
+                    // Small: the socket is drained (see copy_round).
                     return Ok(Round::Again);
                 }
             }
