@@ -6,7 +6,23 @@ use std::future::Future;
 /// a submission queue of `entries` (a power of two). Timers from
 /// `tokio::time` and `tokio::sync` primitives work inside it.
 pub fn start<F: Future>(entries: u32, fut: F) -> F::Output {
-    tokio_uring::builder().entries(entries).start(fut)
+    let mut builder = tokio_uring::builder();
+    builder.entries(entries);
+    if let Some(flags) = tuned_ring(entries) {
+        builder.uring_builder(&flags);
+    }
+    builder.start(fut)
+}
+
+/// Ring set-up flags for a worker ring, if this kernel takes them:
+/// COOP_TASKRUN (completions are posted when the thread next enters the
+/// kernel, without an interrupt to the CPU running it) and SINGLE_ISSUER
+/// (only the worker thread submits). Checked by building a throw-away ring,
+/// because tokio-uring panics if its ring cannot be built.
+fn tuned_ring(entries: u32) -> Option<io_uring::Builder> {
+    let mut b = io_uring::IoUring::builder();
+    b.setup_coop_taskrun().setup_single_issuer();
+    b.build(entries).ok().map(|_| b)
 }
 
 /// Try to create the runtime's ring; used at start-up to fail with exit code
