@@ -59,6 +59,7 @@ impl<T> Deref for CachePadded<T> {
 
 /// Single-writer increment: a relaxed load and a relaxed store.
 #[inline]
+#[cfg_attr(feature = "counters-off", allow(dead_code))]
 fn bump(cell: &AtomicU64, n: u64) {
     cell.store(
         cell.load(Ordering::Relaxed).wrapping_add(n),
@@ -82,9 +83,12 @@ impl PerCoreCounter {
     /// Add `n` to core `core`'s slot. Only worker `core` calls this.
     #[inline]
     pub fn add(&self, core: usize, n: u64) {
+        #[cfg(not(feature = "counters-off"))]
         if let Some(s) = self.slots.get(core) {
             bump(s, n);
         }
+        #[cfg(feature = "counters-off")]
+        let _ = (core, n);
     }
     /// Add 1 to core `core`'s slot. Only worker `core` calls this.
     #[inline]
@@ -123,12 +127,15 @@ impl PerCoreGauge {
     /// `core` calls this.
     #[inline]
     pub fn add(&self, core: usize, delta: i64) {
+        #[cfg(not(feature = "counters-off"))]
         if let Some(s) = self.slots.get(core) {
             s.store(
                 s.load(Ordering::Relaxed).wrapping_add(delta),
                 Ordering::Relaxed,
             );
         }
+        #[cfg(feature = "counters-off")]
+        let _ = (core, delta);
     }
     /// `add(core, 1)`.
     #[inline]
@@ -279,15 +286,20 @@ impl PerCoreHistogram {
     /// Record one observation on core `core`. Only worker `core` calls this.
     #[inline]
     pub fn observe_nanos(&self, core: usize, nanos: u64) {
-        let Some(slot) = self.slots.get(core) else {
-            return;
-        };
-        let idx = CONNECT_BUCKETS_NANOS
-            .iter()
-            .position(|&b| nanos <= b)
-            .unwrap_or(NBUCKETS - 1);
-        bump(&slot.buckets[idx], 1);
-        bump(&slot.sum_nanos, nanos);
+        #[cfg(feature = "counters-off")]
+        let _ = (core, nanos);
+        #[cfg(not(feature = "counters-off"))]
+        {
+            let Some(slot) = self.slots.get(core) else {
+                return;
+            };
+            let idx = CONNECT_BUCKETS_NANOS
+                .iter()
+                .position(|&b| nanos <= b)
+                .unwrap_or(NBUCKETS - 1);
+            bump(&slot.buckets[idx], 1);
+            bump(&slot.sum_nanos, nanos);
+        }
     }
     /// [`observe_nanos`](Self::observe_nanos) with a `Duration` (saturating
     /// at `u64::MAX` nanoseconds).
@@ -344,6 +356,7 @@ mod tests {
     use super::*;
     use std::mem::{align_of, size_of};
 
+    #[cfg(not(feature = "counters-off"))] // the values stay 0 then
     #[test]
     fn counter_sums_across_cores() {
         let c = PerCoreCounter::new(4);
@@ -356,6 +369,7 @@ mod tests {
         assert_eq!(c.cores(), 4);
     }
 
+    #[cfg(not(feature = "counters-off"))] // the values stay 0 then
     #[test]
     fn counter_ignores_out_of_range_core_and_has_one_slot_minimum() {
         let c = PerCoreCounter::new(0);
@@ -365,6 +379,7 @@ mod tests {
         assert_eq!(c.get(), 1);
     }
 
+    #[cfg(not(feature = "counters-off"))] // the values stay 0 then
     #[test]
     fn counter_is_summed_from_real_threads() {
         let c = std::sync::Arc::new(PerCoreCounter::new(4));
@@ -384,6 +399,7 @@ mod tests {
         assert_eq!(c.get(), 40_000);
     }
 
+    #[cfg(not(feature = "counters-off"))] // the values stay 0 then
     #[test]
     fn gauge_up_on_one_core_down_on_another_sums_to_zero() {
         let g = PerCoreGauge::new(2);
@@ -397,6 +413,7 @@ mod tests {
         assert_eq!(g.get_clamped(), 1);
     }
 
+    #[cfg(not(feature = "counters-off"))] // the values stay 0 then
     #[test]
     fn gauge_clamps_at_zero() {
         let g = PerCoreGauge::new(2);
@@ -428,6 +445,7 @@ mod tests {
         assert!(CONNECT_BUCKETS_NANOS.windows(2).all(|w| w[0] < w[1]));
     }
 
+    #[cfg(not(feature = "counters-off"))] // the values stay 0 then
     #[test]
     fn histogram_buckets_bounds_inclusive_and_count_matches() {
         let h = PerCoreHistogram::new(3);

@@ -15,6 +15,13 @@
 //! the text with [`CONTENT_TYPE`]; durations are measured by the caller and
 //! passed in.
 //!
+//! Feature `counters-off` (benchmarking only, off by default): the
+//! hot-path writers ([`PerCoreCounter::add`], [`PerCoreGauge::add`],
+//! [`PerCoreHistogram::observe_nanos`]) compile to nothing, so a build can
+//! be compared with and without the counters (`bench/metrics_overhead.sh`).
+//! The exposition is unchanged but shows those counters at 0; the tests
+//! and examples here assume the feature is off.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use sluice_metrics::{encode, BackendMetrics, GlobalMetrics, ServiceMetrics, CONTENT_TYPE};

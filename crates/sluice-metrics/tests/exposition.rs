@@ -4,6 +4,10 @@
 //!
 //! `SLUICE_REQUIRE_PROMTOOL=1` turns a missing `promtool` into a failure
 //! (CI); without it the promtool test says it was skipped.
+//!
+//! Not built with the `counters-off` feature (a benchmarking switch that
+//! keeps every per-core counter at 0).
+#![cfg(not(feature = "counters-off"))]
 
 use std::io::ErrorKind;
 use std::path::PathBuf;
