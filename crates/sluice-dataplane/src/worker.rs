@@ -218,11 +218,10 @@ impl Worker {
         backend: SocketAddr,
         failure: Option<crate::ConnectFailure>,
     ) {
-        let key = (service.to_string(), backend);
         let mut streaks = self.fail_streak.borrow_mut();
         match failure {
             Some(why) => {
-                *streaks.entry(key).or_insert(0) += 1;
+                *streaks.entry((service.to_string(), backend)).or_insert(0) += 1;
                 let _ = self.events.send(WorkerEvent::ConnectFailed {
                     worker: self.cfg.index,
                     service: service.to_string(),
@@ -231,10 +230,12 @@ impl Worker {
                 });
             }
             None => {
+                // The common case, checked before building any key: no
+                // backend has failed on this worker.
                 if streaks.is_empty() {
                     return;
                 }
-                if streaks.remove(&key).is_some() {
+                if streaks.remove(&(service.to_string(), backend)).is_some() {
                     let _ = self.events.send(WorkerEvent::ConnectRecovered {
                         worker: self.cfg.index,
                         service: service.to_string(),
