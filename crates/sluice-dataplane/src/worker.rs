@@ -246,6 +246,33 @@ impl Worker {
         }
     }
 
+    /// Register a new listener of `service` on `addr`: its stop switch (a
+    /// listener already there is stopped) and the service's slot; `None`
+    /// (logged) when the service is unknown. RemoveListener, RemoveService
+    /// and Shutdown stop it by flipping the switch.
+    fn register_listener(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+    ) -> Option<(Rc<ServiceSlot>, watch::Receiver<bool>)> {
+        let Some(slot) = self.services.borrow().get(service).cloned() else {
+            log::error!(
+                "worker {}: listener {addr} for unknown service {service}",
+                self.cfg.index
+            );
+            return None;
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        if let Some(old) = self
+            .listeners
+            .borrow_mut()
+            .insert((service.to_string(), addr), stop_tx)
+        {
+            let _ = old.send(true);
+        }
+        Some((slot, stop_rx))
+    }
+
     fn apply(self: &Rc<Self>, msg: WorkerMsg) {
         match msg {
             WorkerMsg::Routes(list) => {
@@ -280,42 +307,18 @@ impl Worker {
                 addr,
                 socket,
             } => {
-                let Some(slot) = self.services.borrow().get(&service).cloned() else {
-                    log::error!(
-                        "worker {}: listener {addr} for unknown service {service}",
-                        self.cfg.index
-                    );
-                    return;
-                };
-                let (stop_tx, stop_rx) = watch::channel(false);
-                if let Some(old) = self.listeners.borrow_mut().insert((service, addr), stop_tx) {
-                    let _ = old.send(true);
+                if let Some((slot, stop)) = self.register_listener(&service, addr) {
+                    tokio_uring::spawn(tcp::accept_loop(self.clone(), slot, socket, addr, stop));
                 }
-                tokio_uring::spawn(tcp::accept_loop(self.clone(), slot, socket, addr, stop_rx));
             }
             WorkerMsg::AddUdpListener {
                 service,
                 addr,
                 socket,
             } => {
-                let Some(slot) = self.services.borrow().get(&service).cloned() else {
-                    log::error!(
-                        "worker {}: UDP listener {addr} for unknown service {service}",
-                        self.cfg.index
-                    );
-                    return;
-                };
-                // Stopped like a TCP listener (RemoveListener,
-                // RemoveService, Shutdown flip this switch).
-                let (stop_tx, stop_rx) = watch::channel(false);
-                if let Some(old) = self
-                    .listeners
-                    .borrow_mut()
-                    .insert((service.clone(), addr), stop_tx)
-                {
-                    let _ = old.send(true);
+                if let Some((slot, stop)) = self.register_listener(&service, addr) {
+                    crate::udp::add_listener(self, slot, service, addr, socket, stop);
                 }
-                crate::udp::add_listener(self, slot, service, addr, socket, stop_rx);
             }
             WorkerMsg::RemoveListener { service, addr } => {
                 if let Some(stop) = self.listeners.borrow_mut().remove(&(service, addr)) {
