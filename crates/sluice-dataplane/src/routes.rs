@@ -44,9 +44,21 @@ impl ServiceLimit {
             .is_ok()
     }
 
+    /// Give a slot back.
     pub fn release(&self) {
         self.active.fetch_sub(1, Ordering::AcqRel);
-        self.released.notify_waiters();
+    }
+
+    /// Give a TCP connection's slot back and wake accept loops paused at
+    /// the limit. Only a limited service (`max` != 0) can have paused
+    /// loops, so an unlimited one skips the wake-up (it takes a lock shared
+    /// by every core). A limit raised by a reload during a pause is caught
+    /// by the paused loop's own short re-check.
+    pub fn release_and_wake(&self, max: u32) {
+        self.release();
+        if max != 0 {
+            self.released.notify_waiters();
+        }
     }
 
     pub fn is_full(&self, max: u32) -> bool {

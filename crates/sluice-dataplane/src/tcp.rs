@@ -90,6 +90,7 @@ pub(crate) async fn accept_loop(
                     ));
                 }
                 Err(e) => {
+                    // The slot this loop just took: nobody waits for it.
                     routes.limit.release();
                     if e.kind() == io::ErrorKind::WouldBlock {
                         tokio::select! {
@@ -218,7 +219,9 @@ async fn connection(
             reason.as_str()
         );
     }
-    routes.limit.release();
+    routes
+        .limit
+        .release_and_wake(routes.service.max_connections);
     worker.conn_closed();
 }
 

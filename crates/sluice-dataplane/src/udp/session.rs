@@ -129,14 +129,14 @@ fn open_flow(
         .snapshot
         .pick(&flow, &ctx, &mut slot.pick.borrow_mut(), &[]);
     let Some(route) = picked.and_then(|id| routes.backends.get(id as usize)) else {
-        routes.limit.active.fetch_sub(1, Ordering::AcqRel);
+        routes.limit.release();
         routes.metrics.no_backend.inc(core);
         return None;
     };
     let socket = match sluice_uring::socket::udp_connected(route.addr) {
         Ok(s) => s,
         Err(e) => {
-            routes.limit.active.fetch_sub(1, Ordering::AcqRel);
+            routes.limit.release();
             if worker.udp.may_warn() {
                 log::warn!(
                     "{}: cannot open a UDP socket to {}: {e}",
@@ -158,7 +158,7 @@ fn open_flow(
     let r = match table.insert(key, io.clone(), now) {
         Ok(r) => r,
         Err(Full(_)) => {
-            routes.limit.active.fetch_sub(1, Ordering::AcqRel);
+            routes.limit.release();
             return None;
         }
     };
@@ -264,7 +264,7 @@ fn end_flow(
     io.route.load.active.fetch_sub(1, Ordering::Relaxed);
     io.route.metrics.active.add(core, -1);
     routes.metrics.udp_sessions.dec(core);
-    routes.limit.active.fetch_sub(1, Ordering::AcqRel);
+    routes.limit.release();
     if routes.service.access_log {
         log::info!(
             "access service={} protocol=udp client={} listener={} backend={} bytes_to_backend={} bytes_to_client={} datagrams_to_backend={} datagrams_to_client={} duration_ms={} end={}",
