@@ -253,7 +253,7 @@ async fn serve(
     // Whether an io_uring poll may still be in flight on the client socket
     // (then it is closed with a kernel cancel first).
     let mut client_polled = false;
-    let (id, stream, backend_polled) = loop {
+    let (id, stream, ready) = loop {
         let ctx = PickCtx {
             rand: worker.rand(),
             now_nanos: now_nanos(),
@@ -273,13 +273,13 @@ async fn serve(
         };
         backend.load.active.fetch_add(1, Ordering::Relaxed);
         let t0 = Instant::now();
-        let attempt = match connect(backend.addr, svc.connect_timeout).await {
-            Ok(stream) => {
+        let attempt = match connect(backend.addr, svc.connect_timeout, client).await {
+            Ok((stream, masks)) => {
                 let took = t0.elapsed().as_nanos() as u64;
-                match established(worker, routes, client, &stream, peer, local).await {
-                    Ok(polled) => {
-                        client_polled |= polled;
-                        Ok((stream, took, polled))
+                match established(worker, routes, client, &stream, masks, peer, local).await {
+                    Ok(ready) => {
+                        client_polled |= ready.polled;
+                        Ok((stream, took, ready))
                     }
                     Err(why) => {
                         // The race may have left a poll on the client too.
@@ -292,11 +292,11 @@ async fn serve(
             Err(failed) => Err(failed),
         };
         match attempt {
-            Ok((stream, took, polled)) => {
+            Ok((stream, took, ready)) => {
                 backend.metrics.connect_duration.observe_nanos(core, took);
                 backend.load.observe(took, now_nanos(), 10_000_000_000);
                 worker.report_connect(&svc.name, backend.addr, None);
-                break (id, stream, polled);
+                break (id, stream, ready);
             }
             Err(failed) => {
                 backend.load.active.fetch_sub(1, Ordering::Relaxed);
@@ -326,7 +326,16 @@ async fn serve(
         Transfer::Copy => transfer::Mode::Copy,
         Transfer::Auto => transfer::Mode::Auto,
     };
-    let stats = transfer::proxy(worker, client, &stream, mode, svc.idle_timeout, backend).await;
+    let stats = transfer::proxy(
+        worker,
+        client,
+        &stream,
+        mode,
+        svc.idle_timeout,
+        backend,
+        ready.backend_may_have_data,
+    )
+    .await;
     let reason = match stats.end {
         End::ClientClosed => EndReason::ClientClose,
         End::BackendClosed => EndReason::BackendClose,
@@ -345,7 +354,7 @@ async fn serve(
         to_client: stats.to_client,
         client_polled: client_polled || unclean,
     };
-    if backend_polled || unclean {
+    if ready.polled || unclean {
         op::close(stream).await;
     } else {
         drop(stream);
@@ -364,6 +373,18 @@ fn classify(e: &io::Error) -> ConnectFailure {
     }
 }
 
+/// What [`established`] learnt about a new backend connection.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    /// An io_uring poll may still be in flight on either socket (then it
+    /// must be closed with `op::close`).
+    polled: bool,
+    /// The backend may already have bytes for the client: read it before
+    /// waiting. When false, the first read could only say `EAGAIN`, so the
+    /// backend-to-client direction starts by waiting.
+    backend_may_have_data: bool,
+}
+
 /// After the handshake with the backend: write the PROXY header if the
 /// service sends one, then wait for the first sign of life from either
 /// side. A backend that resets or closes the connection before any byte
@@ -375,17 +396,19 @@ fn classify(e: &io::Error) -> ConnectFailure {
 /// closes), the backend sends its first byte, or `connect_timeout` passes
 /// with both quiet. No latency is added: the first event decides.
 ///
-/// Returns whether a poll may still be in flight on either socket (then it
-/// must be closed with `op::close`). In the common case the client's first
-/// bytes are already there and no poll is needed at all.
+/// In the common case the client's first bytes are already there: one
+/// `poll(2)` with a zero timeout on both sockets decides (`masks`, when
+/// [`connect`] already made it), no io_uring poll is needed, and the backend
+/// is only read when it has something.
 async fn established(
     worker: &Worker,
     routes: &ServiceRoutes,
     client: &TcpStream,
     backend: &TcpStream,
+    masks: Option<(u32, u32)>,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Result<bool, ConnectFailure> {
+) -> Result<Ready, ConnectFailure> {
     let svc = &routes.service;
     let header = match svc.proxy_protocol {
         ProxyProtocol::None => None,
@@ -397,34 +420,46 @@ async fn established(
             .await
             .map_err(|e| classify(&e))?;
     }
-    let mut byte = [0u8; 1];
     // Fast path, no waiting: the backend already reset, or already spoke,
     // or the client already sent (or closed).
-    match backend.peek(&mut byte) {
-        Ok(0) => return Err(ConnectFailure::Reset),
-        Ok(_) => return Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-        Err(e) => return Err(classify(&e)),
+    let (b_mask, c_mask) = match masks {
+        Some(m) => m,
+        None => socket::ready_now(backend, BACKEND_EVENTS, client, op::READABLE)
+            .map_err(|e| classify(&e))?,
+    };
+    if b_mask & !op::WRITABLE != 0 {
+        // Data, end-of-stream or an error from the backend: which one?
+        return match backend_state(backend) {
+            Some(r) => r.map(|()| Ready {
+                polled: false,
+                backend_may_have_data: true,
+            }),
+            None => Ok(Ready {
+                polled: false,
+                backend_may_have_data: true,
+            }),
+        };
     }
-    match client.peek(&mut byte) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        // Data, EOF or an error: the proxy handles it from here.
-        _ => return Ok(false),
+    if c_mask != 0 {
+        return Ok(Ready {
+            polled: false,
+            backend_may_have_data: false,
+        });
     }
     let mut hard = worker.hard_stop.subscribe();
+    let waited = Ready {
+        polled: true,
+        backend_may_have_data: true,
+    };
     if *hard.borrow_and_update() {
-        return Ok(false); // shutting down: the proxy closes at once
+        // Shutting down: the proxy closes at once.
+        return Ok(Ready {
+            polled: false,
+            ..waited
+        });
     }
     let deadline = tokio::time::Instant::now() + svc.connect_timeout;
     loop {
-        match backend.peek(&mut byte) {
-            Ok(0) => return Err(ConnectFailure::Reset),
-            Ok(_) => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(classify(&e)),
-        }
         // A poll left behind here completes with the next event on its fd
         // (both fds are closed with `op::close`, which cancels it first).
         tokio::select! {
@@ -434,16 +469,46 @@ async fn established(
                     return Err(classify(&e));
                 }
             }
-            _ = op::poll(client.as_raw_fd(), op::READABLE) => return Ok(true),
-            _ = tokio::time::sleep_until(deadline) => return Ok(true),
-            _ = hard.changed() => return Ok(true),
+            _ = op::poll(client.as_raw_fd(), op::READABLE) => return Ok(waited),
+            _ = tokio::time::sleep_until(deadline) => return Ok(waited),
+            _ = hard.changed() => return Ok(waited),
+        }
+        if let Some(r) = backend_state(backend) {
+            return r.map(|()| waited);
         }
     }
 }
 
+/// Peek one byte of the backend: `Some(Ok)` if it sent data, `Some(Err)`
+/// if it closed or failed before sending any, `None` if nothing is there.
+fn backend_state(backend: &TcpStream) -> Option<Result<(), ConnectFailure>> {
+    let mut byte = [0u8; 1];
+    loop {
+        return match backend.peek(&mut byte) {
+            Ok(0) => Some(Err(ConnectFailure::Reset)),
+            Ok(_) => Some(Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Some(Err(classify(&e))),
+        };
+    }
+}
+
+/// What `poll` reports on a backend that spoke, closed or failed.
+const BACKEND_EVENTS: u32 = op::READABLE | op::READ_HUP;
+
 /// Connect to `addr` within `timeout`. On timeout the pending poll is
 /// cancelled in the kernel and the socket closed before returning.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Failed> {
+///
+/// On loopback (and any backend close enough) the handshake is done by the
+/// time `connect(2)` returns: one `poll(2)` with a zero timeout on the
+/// backend and the `client` then confirms it, with no io_uring poll and no
+/// timer, and its masks (backend, client) are returned for [`established`].
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    client: &TcpStream,
+) -> Result<(TcpStream, Option<(u32, u32)>), Failed> {
     let (stream, done) = socket::connect_start(addr).map_err(|e| {
         if is_resource_error(&e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
             Failed::Local(e)
@@ -452,21 +517,35 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Faile
         }
     })?;
     if !done {
-        let fd = stream.as_raw_fd();
-        match tokio::time::timeout(timeout, op::poll(fd, op::WRITABLE)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                op::close(stream).await;
-                return Err(Failed::Backend(classify(&e)));
+        let now = socket::ready_now(&stream, op::WRITABLE | BACKEND_EVENTS, client, op::READABLE);
+        match now {
+            Ok((b, c)) if b & op::WRITABLE != 0 && b & (op::ERROR | op::HANG_UP) == 0 => {
+                return Ok((stream, Some((b, c))));
             }
-            Err(_) => {
-                op::close(stream).await;
-                return Err(Failed::Backend(ConnectFailure::Timeout));
+            Ok((b, _)) if b & (op::ERROR | op::HANG_UP) != 0 => {}
+            _ => {
+                let fd = stream.as_raw_fd();
+                match tokio::time::timeout(timeout, op::poll(fd, op::WRITABLE)).await {
+                    // Writable with no error or hang-up: connected, no need
+                    // to read SO_ERROR.
+                    Ok(Ok(mask)) if mask & (op::ERROR | op::HANG_UP) == 0 => {
+                        return Ok((stream, None))
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        op::close(stream).await;
+                        return Err(Failed::Backend(classify(&e)));
+                    }
+                    Err(_) => {
+                        op::close(stream).await;
+                        return Err(Failed::Backend(ConnectFailure::Timeout));
+                    }
+                }
             }
         }
     }
     match socket::finish_connect(&stream) {
-        Ok(()) => Ok(stream),
+        Ok(()) => Ok((stream, None)),
         Err(e) => {
             let why = classify(&e);
             op::close(stream).await;

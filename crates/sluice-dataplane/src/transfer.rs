@@ -99,7 +99,9 @@ pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()
 }
 
 /// Proxy both directions until both are done, one fails, the connection
-/// is idle for `idle`, or the worker's shutdown deadline passes.
+/// is idle for `idle`, or the worker's shutdown deadline passes. When
+/// `backend_may_have_data` is false the backend cannot have sent anything
+/// yet, and its direction starts by waiting rather than with a read.
 pub(crate) async fn proxy(
     worker: &Worker,
     client: &TcpStream,
@@ -107,6 +109,7 @@ pub(crate) async fn proxy(
     mode: Mode,
     idle: Duration,
     backend: &BackendRoute,
+    backend_may_have_data: bool,
 ) -> Stats {
     let core = worker.cfg.index;
     let activity = Cell::new(Instant::now());
@@ -120,13 +123,30 @@ pub(crate) async fn proxy(
             to_client: 0,
         };
     }
-    let c2b = pump(worker, client, backend_stream, mode, &activity, &up, |n| {
-        backend.metrics.bytes_to_backend.add(core, n)
-    });
+    let (c2b_eof, b2c_eof) = (Cell::new(false), Cell::new(false));
+    let c2b = pump(
+        worker,
+        Dir {
+            src: client,
+            dst: backend_stream,
+            wait_first: false,
+            eof: &c2b_eof,
+            other_eof: &b2c_eof,
+        },
+        mode,
+        &activity,
+        &up,
+        |n| backend.metrics.bytes_to_backend.add(core, n),
+    );
     let b2c = pump(
         worker,
-        backend_stream,
-        client,
+        Dir {
+            src: backend_stream,
+            dst: client,
+            wait_first: !backend_may_have_data,
+            eof: &b2c_eof,
+            other_eof: &c2b_eof,
+        },
         mode,
         &activity,
         &down,
@@ -193,19 +213,36 @@ enum Round {
     Busy,
 }
 
+/// One direction of a proxied connection.
+struct Dir<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    /// Wait for `src` to be readable before the first read.
+    wait_first: bool,
+    /// Set when this direction has read end-of-stream.
+    eof: &'a Cell<bool>,
+    /// The other direction's `eof`.
+    other_eof: &'a Cell<bool>,
+}
+
 /// One direction: `src` -> `dst` until end-of-stream (then half-close
 /// `dst`) or an error.
 async fn pump(
     worker: &Worker,
-    src: &TcpStream,
-    dst: &TcpStream,
+    dir: Dir<'_>,
     mode: Mode,
     activity: &Cell<Instant>,
     count: &Cell<u64>,
     on_bytes: impl Fn(u64),
 ) -> Result<(), PumpError> {
+    let Dir { src, dst, .. } = dir;
     let mut splicing = mode == Mode::Splice;
     let auto = mode == Mode::Auto;
+    if dir.wait_first {
+        op::poll(src.as_raw_fd(), op::READABLE)
+            .await
+            .map_err(PumpError::Read)?;
+    }
     loop {
         let pipe = if splicing { worker.take_pipe() } else { None };
         let round = match pipe {
@@ -241,6 +278,12 @@ async fn pump(
                     .map_err(PumpError::Read)?;
             }
             Round::Eof => {
+                dir.eof.set(true);
+                if dir.other_eof.get() {
+                    // Both directions are done: the connection closes both
+                    // sockets next, and `close` sends this FIN.
+                    return Ok(());
+                }
                 match dst.shutdown(Shutdown::Write) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}

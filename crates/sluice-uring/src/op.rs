@@ -18,6 +18,10 @@ pub const READABLE: u32 = libc::POLLIN as u32;
 pub const WRITABLE: u32 = libc::POLLOUT as u32;
 /// `POLLRDHUP`: the peer shut down its write side.
 pub const READ_HUP: u32 = libc::POLLRDHUP as u32;
+/// `POLLERR`: an error is pending on the socket (always reported).
+pub const ERROR: u32 = libc::POLLERR as u32;
+/// `POLLHUP`: both directions are shut down (always reported).
+pub const HANG_UP: u32 = libc::POLLHUP as u32;
 
 /// Turns a CQE into `io::Result<u32>`.
 #[derive(Debug, Clone, Copy)]

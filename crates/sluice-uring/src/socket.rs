@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
@@ -120,4 +120,31 @@ pub fn finish_connect(stream: &TcpStream) -> io::Result<()> {
         None => Ok(()),
         Some(e) => Err(e),
     }
+}
+
+/// The poll masks of two sockets right now (one `poll(2)` with a zero
+/// timeout, no waiting), each polled for its own `events` (`POLLERR` and
+/// `POLLHUP` are always reported). One system call where a `MSG_PEEK` read
+/// or an `SO_ERROR` read per socket would take two.
+pub fn ready_now(
+    a: &TcpStream,
+    a_events: u32,
+    b: &TcpStream,
+    b_events: u32,
+) -> io::Result<(u32, u32)> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let flags = |e: u32| PollFlags::from_bits_retain(e as u16 as i16);
+    let mut fds = [
+        PollFd::new(a.as_fd(), flags(a_events)),
+        PollFd::new(b.as_fd(), flags(b_events)),
+    ];
+    loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mask = |fd: &PollFd<'_>| fd.revents().map_or(0, |r| r.bits() as u16 as u32);
+    Ok((mask(&fds[0]), mask(&fds[1])))
 }
