@@ -14,15 +14,30 @@ pub fn start<F: Future>(entries: u32, fut: F) -> F::Output {
     builder.start(fut)
 }
 
-/// Ring set-up flags for a worker ring, if this kernel takes them:
-/// COOP_TASKRUN (completions are posted when the thread next enters the
-/// kernel, without an interrupt to the CPU running it) and SINGLE_ISSUER
-/// (only the worker thread submits). Checked by building a throw-away ring,
-/// because tokio-uring panics if its ring cannot be built.
+/// Ring set-up flags for a worker ring, the best this kernel takes:
+///
+/// 1. DEFER_TASKRUN | SINGLE_ISSUER | TASKRUN_FLAG (Linux 6.1+): the
+///    kernel's work for completions (poll wake-ups turned into CQEs) is
+///    queued on the ring and run in one batch when the worker enters the
+///    ring (the patched tokio-uring driver does so when woken, and when it
+///    parks), instead of interrupting whatever system call the worker is in.
+/// 2. COOP_TASKRUN | SINGLE_ISSUER | TASKRUN_FLAG (5.19+): no interrupt to
+///    the running CPU; the work runs when the thread next enters the kernel.
+/// 3. No flags.
+///
+/// Checked by building a throw-away ring, because tokio-uring panics if its
+/// ring cannot be built.
 fn tuned_ring(entries: u32) -> Option<io_uring::Builder> {
-    let mut b = io_uring::IoUring::builder();
-    b.setup_coop_taskrun().setup_single_issuer();
-    b.build(entries).ok().map(|_| b)
+    let mut defer = io_uring::IoUring::builder();
+    defer
+        .setup_defer_taskrun()
+        .setup_single_issuer()
+        .setup_taskrun_flag();
+    let mut coop = io_uring::IoUring::builder();
+    coop.setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_taskrun_flag();
+    [defer, coop].into_iter().find(|b| b.build(entries).is_ok())
 }
 
 /// Try to create the runtime's ring; used at start-up to fail with exit code
