@@ -14,7 +14,7 @@ use sluice_uring::{op, socket};
 use tokio::sync::watch;
 
 use crate::routes::ServiceRoutes;
-use crate::transfer::{self, End};
+use crate::transfer::{self, End, First, InFlightPoll};
 use crate::worker::{now_nanos, ServiceSlot, Worker};
 use crate::{proxy_proto, ConnectFailure};
 
@@ -277,10 +277,7 @@ async fn serve(
             Ok((stream, masks)) => {
                 let took = t0.elapsed().as_nanos() as u64;
                 match established(worker, routes, client, &stream, masks, peer, local).await {
-                    Ok(ready) => {
-                        client_polled |= ready.polled;
-                        Ok((stream, took, ready))
-                    }
+                    Ok(ready) => Ok((stream, took, ready)),
                     Err(why) => {
                         // The race may have left a poll on the client too.
                         client_polled = true;
@@ -333,7 +330,7 @@ async fn serve(
         mode,
         svc.idle_timeout,
         backend,
-        ready.backend_may_have_data,
+        ready,
     )
     .await;
     let reason = match stats.end {
@@ -354,7 +351,7 @@ async fn serve(
         to_client: stats.to_client,
         client_polled: client_polled || unclean,
     };
-    if ready.polled || unclean {
+    if unclean {
         op::close(stream).await;
     } else {
         drop(stream);
@@ -373,16 +370,17 @@ fn classify(e: &io::Error) -> ConnectFailure {
     }
 }
 
-/// What [`established`] learnt about a new backend connection.
-#[derive(Debug, Clone, Copy)]
-struct Ready {
-    /// An io_uring poll may still be in flight on either socket (then it
-    /// must be closed with `op::close`).
-    polled: bool,
-    /// The backend may already have bytes for the client: read it before
-    /// waiting. When false, the first read could only say `EAGAIN`, so the
-    /// backend-to-client direction starts by waiting.
-    backend_may_have_data: bool,
+/// How the two directions of a new connection start (client to backend,
+/// backend to client): what [`established`] learnt, including the polls it
+/// leaves in flight for them to await.
+type Ready = (First, First);
+
+fn start_with(has_data: bool) -> First {
+    if has_data {
+        First::Read
+    } else {
+        First::Wait
+    }
 }
 
 /// After the handshake with the backend: write the PROXY header if the
@@ -399,7 +397,10 @@ struct Ready {
 /// In the common case the client's first bytes are already there: one
 /// `poll(2)` with a zero timeout on both sockets decides (`masks`, when
 /// [`connect`] already made it), no io_uring poll is needed, and the backend
-/// is only read when it has something.
+/// is only read when it has something. Otherwise it waits with an io_uring
+/// poll on each socket; the one that has not fired yet is handed to the
+/// direction that reads that socket, so that no operation is left in
+/// flight. On an error, a poll may still be in flight on the client.
 async fn established(
     worker: &Worker,
     routes: &ServiceRoutes,
@@ -429,52 +430,43 @@ async fn established(
     };
     if b_mask & !op::WRITABLE != 0 {
         // Data, end-of-stream or an error from the backend: which one?
-        return match backend_state(backend) {
-            Some(r) => r.map(|()| Ready {
-                polled: false,
-                backend_may_have_data: true,
-            }),
-            None => Ok(Ready {
-                polled: false,
-                backend_may_have_data: true,
-            }),
-        };
+        if let Some(Err(e)) = backend_state(backend) {
+            return Err(e);
+        }
+        return Ok((start_with(c_mask != 0), First::Read));
     }
     if c_mask != 0 {
-        return Ok(Ready {
-            polled: false,
-            backend_may_have_data: false,
-        });
+        return Ok((First::Read, First::Wait));
     }
     let mut hard = worker.hard_stop.subscribe();
-    let waited = Ready {
-        polled: true,
-        backend_may_have_data: true,
-    };
     if *hard.borrow_and_update() {
         // Shutting down: the proxy closes at once.
-        return Ok(Ready {
-            polled: false,
-            ..waited
-        });
+        return Ok((First::Read, First::Read));
     }
     let deadline = tokio::time::Instant::now() + svc.connect_timeout;
+    let backend_poll =
+        || -> InFlightPoll { Box::pin(op::poll(backend.as_raw_fd(), op::READABLE | op::READ_HUP)) };
+    let mut b_poll = backend_poll();
+    let mut c_poll: InFlightPoll = Box::pin(op::poll(client.as_raw_fd(), op::READABLE));
     loop {
-        // A poll left behind here completes with the next event on its fd
-        // (both fds are closed with `op::close`, which cancels it first).
         tokio::select! {
             biased;
-            r = op::poll(backend.as_raw_fd(), op::READABLE | op::READ_HUP) => {
+            r = &mut b_poll => {
                 if let Err(e) = r {
                     return Err(classify(&e));
                 }
+                match backend_state(backend) {
+                    Some(Ok(())) => return Ok((First::InFlight(c_poll), First::Read)),
+                    Some(Err(e)) => return Err(e),
+                    // Woken with nothing to read: wait again.
+                    None => b_poll = backend_poll(),
+                }
             }
-            _ = op::poll(client.as_raw_fd(), op::READABLE) => return Ok(waited),
-            _ = tokio::time::sleep_until(deadline) => return Ok(waited),
-            _ = hard.changed() => return Ok(waited),
-        }
-        if let Some(r) = backend_state(backend) {
-            return r.map(|()| waited);
+            _ = &mut c_poll => return Ok((First::Read, First::InFlight(b_poll))),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Ok((First::InFlight(c_poll), First::InFlight(b_poll)));
+            }
+            _ = hard.changed() => return Ok((First::InFlight(c_poll), First::InFlight(b_poll))),
         }
     }
 }

@@ -14,9 +14,11 @@
 //!   (bulk), then splice for the rest of that direction.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use sluice_uring::op;
@@ -37,6 +39,23 @@ const AUTO_SPLICE_THRESHOLD: usize = 64 * 1024;
 const SMALL_READ: usize = 16 * 1024;
 /// Bytes a direction moves before it yields to other tasks.
 const YIELD_EVERY: u64 = 4 << 20;
+
+/// An io_uring poll already in flight on a socket, handed from the set-up of
+/// a connection to the direction that reads that socket, so that it is
+/// awaited rather than left behind (an operation left behind would have to
+/// be cancelled in the kernel before the socket could be closed).
+pub(crate) type InFlightPoll = Pin<Box<dyn Future<Output = io::Result<u32>>>>;
+
+/// How one direction starts.
+pub(crate) enum First {
+    /// Read at once: the source may have data.
+    Read,
+    /// Wait for the source to be readable first: a read could only say
+    /// `EAGAIN`.
+    Wait,
+    /// Await this poll, already in flight on the source, first.
+    InFlight(InFlightPoll),
+}
 
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +118,8 @@ pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()
 }
 
 /// Proxy both directions until both are done, one fails, the connection
-/// is idle for `idle`, or the worker's shutdown deadline passes. When
-/// `backend_may_have_data` is false the backend cannot have sent anything
-/// yet, and its direction starts by waiting rather than with a read.
+/// is idle for `idle`, or the worker's shutdown deadline passes. `first`
+/// says how each direction (client to backend, backend to client) starts.
 pub(crate) async fn proxy(
     worker: &Worker,
     client: &TcpStream,
@@ -109,7 +127,7 @@ pub(crate) async fn proxy(
     mode: Mode,
     idle: Duration,
     backend: &BackendRoute,
-    backend_may_have_data: bool,
+    first: (First, First),
 ) -> Stats {
     let core = worker.cfg.index;
     let activity = Cell::new(Instant::now());
@@ -124,12 +142,13 @@ pub(crate) async fn proxy(
         };
     }
     let (c2b_eof, b2c_eof) = (Cell::new(false), Cell::new(false));
+    let (c2b_first, b2c_first) = first;
     let c2b = pump(
         worker,
         Dir {
             src: client,
             dst: backend_stream,
-            wait_first: false,
+            first: c2b_first,
             eof: &c2b_eof,
             other_eof: &b2c_eof,
         },
@@ -143,7 +162,7 @@ pub(crate) async fn proxy(
         Dir {
             src: backend_stream,
             dst: client,
-            wait_first: !backend_may_have_data,
+            first: b2c_first,
             eof: &b2c_eof,
             other_eof: &c2b_eof,
         },
@@ -217,8 +236,8 @@ enum Round {
 struct Dir<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
-    /// Wait for `src` to be readable before the first read.
-    wait_first: bool,
+    /// How to start.
+    first: First,
     /// Set when this direction has read end-of-stream.
     eof: &'a Cell<bool>,
     /// The other direction's `eof`.
@@ -235,13 +254,25 @@ async fn pump(
     count: &Cell<u64>,
     on_bytes: impl Fn(u64),
 ) -> Result<(), PumpError> {
-    let Dir { src, dst, .. } = dir;
+    let Dir {
+        src,
+        dst,
+        first,
+        eof,
+        other_eof,
+    } = dir;
     let mut splicing = mode == Mode::Splice;
     let auto = mode == Mode::Auto;
-    if dir.wait_first {
-        op::poll(src.as_raw_fd(), op::READABLE)
-            .await
-            .map_err(PumpError::Read)?;
+    match first {
+        First::Read => {}
+        First::Wait => {
+            op::poll(src.as_raw_fd(), op::READABLE)
+                .await
+                .map_err(PumpError::Read)?;
+        }
+        First::InFlight(poll) => {
+            poll.await.map_err(PumpError::Read)?;
+        }
     }
     loop {
         let pipe = if splicing { worker.take_pipe() } else { None };
@@ -278,8 +309,8 @@ async fn pump(
                     .map_err(PumpError::Read)?;
             }
             Round::Eof => {
-                dir.eof.set(true);
-                if dir.other_eof.get() {
+                eof.set(true);
+                if other_eof.get() {
                     // Both directions are done: the connection closes both
                     // sockets next, and `close` sends this FIN.
                     return Ok(());
