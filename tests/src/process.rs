@@ -494,12 +494,14 @@ mod tests {
     use super::*;
 
     /// A stand-in for the binary, so the handle itself is tested without it.
+    /// The traps are set before it says it started: a signal sent as soon
+    /// as the start line is seen must find them.
     const FAKE: &str = r#"#!/bin/sh
+trap 'echo "[INFO sluice] shutting down" >&2; exit 0' TERM
+trap 'echo "[INFO sluice] reloading" >&2' HUP
 echo "config: $3" >&2
 echo "[INFO sluice] sluice started" >&2
 echo "to stdout"
-trap 'echo "[INFO sluice] shutting down" >&2; exit 0' TERM
-trap 'echo "[INFO sluice] reloading" >&2' HUP
 while :; do sleep 0.02; done
 "#;
 
