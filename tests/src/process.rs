@@ -494,15 +494,17 @@ mod tests {
     use super::*;
 
     /// A stand-in for the binary, so the handle itself is tested without it.
-    /// The traps are set before it says it started: a signal sent as soon
-    /// as the start line is seen must find them.
-    const FAKE: &str = r#"#!/bin/sh
-trap 'echo "[INFO sluice] shutting down" >&2; exit 0' TERM
-trap 'echo "[INFO sluice] reloading" >&2' HUP
-echo "config: $3" >&2
-echo "[INFO sluice] sluice started" >&2
-echo "to stdout"
-while :; do sleep 0.02; done
+    /// Perl, not sh: a shell cannot trap a signal that was ignored when it
+    /// started (under `nohup`, SIGHUP is), and the handlers are set before
+    /// it says it started, so a signal sent at once finds them.
+    const FAKE: &str = r#"#!/usr/bin/perl
+$| = 1;
+$SIG{TERM} = sub { print STDERR "[INFO sluice] shutting down\n"; exit 0 };
+$SIG{HUP} = sub { print STDERR "[INFO sluice] reloading\n" };
+print STDERR "config: $ARGV[2]\n";
+print STDERR "[INFO sluice] sluice started\n";
+print "to stdout\n";
+while (1) { select(undef, undef, undef, 0.02) }
 "#;
 
     fn fake_bin(dir: &Path) -> PathBuf {
