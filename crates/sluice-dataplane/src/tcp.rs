@@ -375,14 +375,6 @@ fn classify(e: &io::Error) -> ConnectFailure {
 /// leaves in flight for them to await.
 type Ready = (First, First);
 
-fn start_with(has_data: bool) -> First {
-    if has_data {
-        First::Read
-    } else {
-        First::Wait
-    }
-}
-
 /// After the handshake with the backend: write the PROXY header if the
 /// service sends one, then wait for the first sign of life from either
 /// side. A backend that resets or closes the connection before any byte
@@ -433,7 +425,12 @@ async fn established(
         if let Some(Err(e)) = backend_state(backend) {
             return Err(e);
         }
-        return Ok((start_with(c_mask != 0), First::Read));
+        let c2b = if c_mask != 0 {
+            First::Read
+        } else {
+            First::Wait
+        };
+        return Ok((c2b, First::Read));
     }
     if c_mask != 0 {
         return Ok((First::Read, First::Wait));

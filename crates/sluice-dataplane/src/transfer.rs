@@ -172,13 +172,12 @@ pub(crate) async fn proxy(
         |n| backend.metrics.bytes_to_client.add(core, n),
     );
     tokio::pin!(c2b, b2c);
-    let (mut c2b_done, mut b2c_done) = (false, false);
+    // A direction's `eof` is set exactly when its pump finishes cleanly.
     let mut first_fin: Option<End> = None;
     let end = loop {
         tokio::select! {
-            r = &mut c2b, if !c2b_done => match r {
+            r = &mut c2b, if !c2b_eof.get() => match r {
                 Ok(()) => {
-                    c2b_done = true;
                     first_fin.get_or_insert(End::ClientClosed);
                 }
                 Err(e) => {
@@ -186,9 +185,8 @@ pub(crate) async fn proxy(
                     break if matches!(e, PumpError::Read(_)) { End::ClientError } else { End::BackendError };
                 }
             },
-            r = &mut b2c, if !b2c_done => match r {
+            r = &mut b2c, if !b2c_eof.get() => match r {
                 Ok(()) => {
-                    b2c_done = true;
                     first_fin.get_or_insert(End::BackendClosed);
                 }
                 Err(e) => {
@@ -199,7 +197,7 @@ pub(crate) async fn proxy(
             _ = idle_expired(&activity, idle) => break End::Idle,
             _ = hard.changed() => break End::Shutdown,
         }
-        if c2b_done && b2c_done {
+        if c2b_eof.get() && b2c_eof.get() {
             break first_fin.unwrap_or(End::ClientClosed);
         }
     };

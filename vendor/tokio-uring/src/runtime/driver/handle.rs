@@ -45,7 +45,7 @@ impl Handle {
         self.inner.borrow_mut().dispatch_completions()
     }
 
-    pub(crate) fn flush(&self) -> io::Result<usize> {
+    pub(crate) fn flush(&self) -> io::Result<()> {
         self.inner.borrow_mut().flush()
     }
 

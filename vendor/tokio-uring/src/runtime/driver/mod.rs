@@ -86,24 +86,15 @@ impl Driver {
     /// sluice patch: submit what is queued and run pending task work
     /// (io_uring_enter with GETEVENTS, never waiting), or make no system
     /// call at all when there is neither.
-    pub(crate) fn flush(&mut self) -> io::Result<usize> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         let (queued, taskrun, overflow) = {
             let sq = self.uring.submission();
             (sq.len(), sq.taskrun(), sq.cq_overflow())
         };
         if queued == 0 && !taskrun && !overflow {
-            return Ok(0);
+            return Ok(());
         }
-        loop {
-            match self.enter_getevents() {
-                Ok(n) => return Ok(n),
-                Err(ref e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.dispatch_completions();
-                }
-                Err(ref e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        self.submit()
     }
 
     // only used in tests rn
