@@ -392,6 +392,17 @@ impl Sluice {
             .count()
     }
 
+    /// The number of open sockets (entries of `/proc/PID/fd` that link to
+    /// `socket:[...]`): a leak check that pooled splice pipes do not move.
+    pub fn socket_count(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.pid());
+        fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+            .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    }
+
     /// The names of its threads (from `/proc/PID/task/*/comm`), sorted.
     pub fn threads(&self) -> Vec<String> {
         let dir = format!("/proc/{}/task", self.pid());

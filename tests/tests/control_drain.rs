@@ -96,7 +96,7 @@ fn shutdown_timeout_bounds_the_drain() {
     let listen = free_tcp_addr();
     let mut lb = Sluice::started(&format!(
         "shutdown_timeout: 1s\nservices:\n  - name: bulk\n    protocol: tcp\n    listen: [\"{listen}\"]\n    \
-         backends:\n      - address: \"{}\"\n",
+         access_log: true\n    backends:\n      - address: \"{}\"\n",
         sink.addr()
     ));
     let stop = Arc::new(AtomicBool::new(false));
@@ -124,4 +124,10 @@ fn shutdown_timeout_bounds_the_drain() {
         "the transfer got its shutdown_timeout: {took:?}"
     );
     assert!(ended.is_err(), "the connection was closed at the deadline");
+    let log = lb.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("access service=bulk") && l.contains("end=shutdown")),
+        "the access log says why: {log}"
+    );
 }

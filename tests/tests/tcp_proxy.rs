@@ -202,7 +202,11 @@ fn silent_backend_triggers_idle_timeout() {
         conn.drain().map(drop)
     });
     let listen = free_tcp_addr();
-    let _lb = Sluice::started(&service(listen, "idle_timeout: 600ms", &[silent.addr()]));
+    let mut lb = Sluice::started(&service(
+        listen,
+        "idle_timeout: 600ms\naccess_log: true",
+        &[silent.addr()],
+    ));
     let mut client = TcpStream::connect(listen).unwrap();
     client.write_all(b"hello?").unwrap();
     let start = Instant::now();
@@ -216,6 +220,11 @@ fn silent_backend_triggers_idle_timeout() {
         "closed too early: {took:?}"
     );
     assert!(took < Duration::from_secs(3), "closed too late: {took:?}");
+    let line = lb.wait_for_log("access service=web", Duration::from_secs(5));
+    assert!(
+        line.contains("end=idle_timeout") && line.contains("bytes_to_backend=6"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -479,4 +488,54 @@ fn emfile_in_accept_backs_off_and_recovers() {
     let mut c = net::connect_with_retry(listen, T);
     net::echo_roundtrip(&mut c, b"recovered", T);
     assert!(lb.try_exit().is_none(), "sluice must keep running");
+}
+
+/// A long conversation (many request/response rounds on one connection,
+/// which sluice waits on with a multishot poll after the first few) in each
+/// transfer mode: every byte comes back in order, both closes reach the
+/// other side, and no socket is left once the connections are gone (the
+/// multishot polls are cancelled, or the sockets would stay open).
+#[test]
+fn keep_alive_conversation_in_every_mode_closes_cleanly() {
+    let echo = TcpEcho::start();
+    for mode in ["copy", "splice", "auto"] {
+        let listen = free_tcp_addr();
+        let lb = Sluice::started(&service(
+            listen,
+            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
+            &[echo.addr()],
+        ));
+        let baseline = lb.socket_count();
+        let mut clients: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(listen).unwrap())
+            .collect();
+        for c in &clients {
+            c.set_read_timeout(Some(T)).unwrap();
+        }
+        for round in 0..200usize {
+            for (i, c) in clients.iter_mut().enumerate() {
+                // From a byte to a few segments.
+                let len = 1 + (round * 7919 + i * 104_729) % 6000;
+                let msg: Vec<u8> = (0..len).map(|k| (round + i + k) as u8).collect();
+                c.write_all(&msg).unwrap();
+                let mut back = vec![0; len];
+                c.read_exact(&mut back)
+                    .unwrap_or_else(|e| panic!("{mode}: round {round} client {i}: {e}"));
+                assert_eq!(back, msg, "{mode}: round {round} client {i}");
+            }
+        }
+        // The client half-closes; the echo answers with its own FIN.
+        for c in &clients {
+            c.shutdown(Shutdown::Write).unwrap();
+        }
+        for c in &mut clients {
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "{mode}: nothing after the last answer");
+        }
+        drop(clients);
+        eventually(T, &format!("{mode}: sockets back to {baseline}"), || {
+            lb.socket_count() <= baseline
+        });
+    }
 }

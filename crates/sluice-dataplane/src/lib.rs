@@ -19,6 +19,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod conns;
 pub mod proxy_proto;
 pub mod routes;
 mod tcp;

@@ -13,6 +13,7 @@ use sluice_config::{ProxyProtocol, Transfer};
 use sluice_uring::{op, socket};
 use tokio::sync::watch;
 
+use crate::conns::Ended;
 use crate::routes::ServiceRoutes;
 use crate::transfer::{self, End, First, InFlightPoll};
 use crate::worker::{now_nanos, ServiceSlot, Worker};
@@ -81,10 +82,12 @@ pub(crate) async fn accept_loop(
                         addr
                     };
                     worker.conn_opened();
+                    let key = worker.tcp.insert(stream.as_raw_fd());
                     tokio_uring::spawn(connection(
                         worker.clone(),
                         slot.clone(),
                         stream,
+                        key,
                         peer,
                         local,
                     ));
@@ -177,17 +180,21 @@ impl EndReason {
     }
 }
 
-/// One client connection, from accept to close.
+/// One client connection, from accept to close; `key` is its place in the
+/// worker's table of connections.
 async fn connection(
     worker: Rc<Worker>,
     slot: Rc<ServiceSlot>,
     client: TcpStream,
+    key: usize,
     peer: SocketAddr,
     local: SocketAddr,
 ) {
     let routes = slot.routes();
     let started = Instant::now();
-    let outcome = serve(&worker, &slot, &routes, &client, peer, local).await;
+    let outcome = serve(&worker, &slot, &routes, &client, key, peer, local).await;
+    let ended = worker.tcp.ended(key);
+    worker.tcp.remove(key);
     let (reason, backend, up, down, polled) = match &outcome {
         Served::Proxied {
             backend,
@@ -203,6 +210,11 @@ async fn connection(
             *client_polled,
         ),
         Served::NotProxied(reason, polled) => (*reason, None, 0, 0, *polled),
+    };
+    let reason = match ended {
+        Some(Ended::Idle) => EndReason::IdleTimeout,
+        Some(Ended::Shutdown) => EndReason::Shutdown,
+        None => reason,
     };
     if polled {
         op::close(client).await;
@@ -243,6 +255,7 @@ async fn serve(
     slot: &ServiceSlot,
     routes: &Arc<ServiceRoutes>,
     client: &TcpStream,
+    key: usize,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Served {
@@ -293,6 +306,9 @@ async fn serve(
                 backend.metrics.connect_duration.observe_nanos(core, took);
                 backend.load.observe(took, now_nanos(), 10_000_000_000);
                 worker.report_connect(&svc.name, backend.addr, None);
+                worker
+                    .tcp
+                    .proxying(key, stream.as_raw_fd(), svc.idle_timeout);
                 break (id, stream, ready);
             }
             Err(failed) => {
@@ -323,23 +339,11 @@ async fn serve(
         Transfer::Copy => transfer::Mode::Copy,
         Transfer::Auto => transfer::Mode::Auto,
     };
-    let stats = transfer::proxy(
-        worker,
-        client,
-        &stream,
-        mode,
-        svc.idle_timeout,
-        backend,
-        ready,
-    )
-    .await;
+    let stats = transfer::proxy(worker, client, &stream, mode, key, backend, ready).await;
+    worker.tcp.unproxy(key);
     let reason = match stats.end {
-        End::ClientClosed => EndReason::ClientClose,
-        End::BackendClosed => EndReason::BackendClose,
-        End::Idle => EndReason::IdleTimeout,
-        End::Shutdown => EndReason::Shutdown,
-        End::ClientError => EndReason::ClientClose,
-        End::BackendError => EndReason::BackendClose,
+        End::ClientClosed | End::ClientError => EndReason::ClientClose,
+        End::BackendClosed | End::BackendError => EndReason::BackendClose,
     };
     // When both directions ended by themselves nothing is in flight, and a
     // plain close is enough; otherwise cancel in the kernel first.
@@ -349,9 +353,9 @@ async fn serve(
         reason,
         to_backend: stats.to_backend,
         to_client: stats.to_client,
-        client_polled: client_polled || unclean,
+        client_polled: client_polled || unclean || stats.client_armed,
     };
-    if unclean {
+    if unclean || stats.backend_armed {
         op::close(stream).await;
     } else {
         drop(stream);
@@ -403,6 +407,10 @@ async fn established(
     local: SocketAddr,
 ) -> Result<Ready, ConnectFailure> {
     let svc = &routes.service;
+    if worker.tcp.stopping() {
+        // Past the shutdown deadline: the proxy sees both ends at once.
+        return Ok((First::Read, First::Read));
+    }
     let header = match svc.proxy_protocol {
         ProxyProtocol::None => None,
         ProxyProtocol::V1 => Some(proxy_proto::v1(peer, local)),
@@ -435,11 +443,8 @@ async fn established(
     if c_mask != 0 {
         return Ok((First::Read, First::Wait));
     }
-    let mut hard = worker.hard_stop.subscribe();
-    if *hard.borrow_and_update() {
-        // Shutting down: the proxy closes at once.
-        return Ok((First::Read, First::Read));
-    }
+    // Waiting for either side, up to `connect_timeout`. At the shutdown
+    // deadline the worker shuts the client socket down: its poll fires.
     let deadline = tokio::time::Instant::now() + svc.connect_timeout;
     let backend_poll =
         || -> InFlightPoll { Box::pin(op::poll(backend.as_raw_fd(), op::READABLE | op::READ_HUP)) };
@@ -463,7 +468,6 @@ async fn established(
             _ = tokio::time::sleep_until(deadline) => {
                 return Ok((First::InFlight(c_poll), First::InFlight(b_poll)));
             }
-            _ = hard.changed() => return Ok((First::InFlight(c_poll), First::InFlight(b_poll))),
         }
     }
 }

@@ -19,10 +19,10 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
 
 use sluice_uring::op;
 
+use crate::conns::TcpConns;
 use crate::routes::BackendRoute;
 use crate::worker::Worker;
 
@@ -39,6 +39,11 @@ const AUTO_SPLICE_THRESHOLD: usize = 64 * 1024;
 const SMALL_READ: usize = 16 * 1024;
 /// Bytes a direction moves before it yields to other tasks.
 const YIELD_EVERY: u64 = 4 << 20;
+/// From this many waits for its source on, a direction waits with one
+/// multishot poll instead of a poll per wait (a keep-alive conversation).
+/// A short connection (connect, request, response, close) waits less
+/// often than this, so it never needs a cancel at close.
+const MULTISHOT_FROM_WAIT: u32 = 3;
 
 /// An io_uring poll already in flight on a socket, handed from the set-up of
 /// a connection to the direction that reads that socket, so that it is
@@ -57,15 +62,15 @@ pub(crate) enum First {
     InFlight(InFlightPoll),
 }
 
-/// How a proxied connection ended.
+/// How a proxied connection ended. (When the worker ended it, for idleness
+/// or at the shutdown deadline, by shutting its sockets down, the table in
+/// `conns` says so.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
     /// Both directions finished; the client sent its FIN first.
     ClientClosed,
     /// Both directions finished; the backend sent its FIN first.
     BackendClosed,
-    Idle,
-    Shutdown,
     ClientError,
     BackendError,
 }
@@ -83,6 +88,10 @@ pub(crate) struct Stats {
     pub end: End,
     pub to_backend: u64,
     pub to_client: u64,
+    /// A multishot poll was armed on the client (backend) socket: it is
+    /// still in the kernel and must be cancelled before the close.
+    pub client_armed: bool,
+    pub backend_armed: bool,
 }
 
 enum PumpError {
@@ -117,31 +126,29 @@ pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()
     Ok(())
 }
 
-/// Proxy both directions until both are done, one fails, the connection
-/// is idle for `idle`, or the worker's shutdown deadline passes. `first`
-/// says how each direction (client to backend, backend to client) starts.
+/// Proxy both directions until both are done or one fails. `first` says
+/// how each direction (client to backend, backend to client) starts. The
+/// bytes moved are counted on the connection `key` of the worker's table,
+/// which ends the connection (shuts its sockets down) when it is idle too
+/// long or at the shutdown deadline: both directions then see their end.
 pub(crate) async fn proxy(
     worker: &Worker,
     client: &TcpStream,
     backend_stream: &TcpStream,
     mode: Mode,
-    idle: Duration,
+    key: usize,
     backend: &BackendRoute,
     first: (First, First),
 ) -> Stats {
     let core = worker.cfg.index;
-    let activity = Cell::new(Instant::now());
+    let activity = Activity {
+        table: &worker.tcp,
+        key,
+    };
     let up = Cell::new(0u64);
     let down = Cell::new(0u64);
-    let mut hard = worker.hard_stop.subscribe();
-    if *hard.borrow_and_update() {
-        return Stats {
-            end: End::Shutdown,
-            to_backend: 0,
-            to_client: 0,
-        };
-    }
     let (c2b_eof, b2c_eof) = (Cell::new(false), Cell::new(false));
+    let (client_armed, backend_armed) = (Cell::new(false), Cell::new(false));
     let (c2b_first, b2c_first) = first;
     let c2b = pump(
         worker,
@@ -151,9 +158,10 @@ pub(crate) async fn proxy(
             first: c2b_first,
             eof: &c2b_eof,
             other_eof: &b2c_eof,
+            armed: &client_armed,
         },
         mode,
-        &activity,
+        activity,
         &up,
         |n| backend.metrics.bytes_to_backend.add(core, n),
     );
@@ -165,9 +173,10 @@ pub(crate) async fn proxy(
             first: b2c_first,
             eof: &b2c_eof,
             other_eof: &c2b_eof,
+            armed: &backend_armed,
         },
         mode,
-        &activity,
+        activity,
         &down,
         |n| backend.metrics.bytes_to_client.add(core, n),
     );
@@ -194,8 +203,6 @@ pub(crate) async fn proxy(
                     break if matches!(e, PumpError::Read(_)) { End::BackendError } else { End::ClientError };
                 }
             },
-            _ = idle_expired(&activity, idle) => break End::Idle,
-            _ = hard.changed() => break End::Shutdown,
         }
         if c2b_eof.get() && b2c_eof.get() {
             break first_fin.unwrap_or(End::ClientClosed);
@@ -205,23 +212,31 @@ pub(crate) async fn proxy(
         end,
         to_backend: up.get(),
         to_client: down.get(),
+        client_armed: client_armed.get(),
+        backend_armed: backend_armed.get(),
     }
 }
 
-/// Resolves once no byte moved either way for `idle`.
-async fn idle_expired(activity: &Cell<Instant>, idle: Duration) {
-    loop {
-        let deadline = activity.get() + idle;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline.into()).await;
+/// Where a connection counts the bytes it moves (its idle clock).
+#[derive(Clone, Copy)]
+struct Activity<'a> {
+    table: &'a TcpConns,
+    key: usize,
+}
+
+impl Activity<'_> {
+    fn moved(&self, n: u64) {
+        self.table.moved(self.key, n);
     }
 }
 
 enum Round {
-    /// The source has no data now.
+    /// The source is drained: a read said `EAGAIN`, or took less than it
+    /// could have (a read takes all the socket has, up to its size).
     Again,
+    /// The source is most likely drained (a short splice: it can also stop
+    /// early when the pipe runs out of slots).
+    Short,
     /// The source reached end-of-stream.
     Eof,
     /// `auto` saw a bulk read: switch to splice.
@@ -240,6 +255,8 @@ struct Dir<'a> {
     eof: &'a Cell<bool>,
     /// The other direction's `eof`.
     other_eof: &'a Cell<bool>,
+    /// Set when a multishot poll is armed on `src`.
+    armed: &'a Cell<bool>,
 }
 
 /// One direction: `src` -> `dst` until end-of-stream (then half-close
@@ -248,7 +265,7 @@ async fn pump(
     worker: &Worker,
     dir: Dir<'_>,
     mode: Mode,
-    activity: &Cell<Instant>,
+    activity: Activity<'_>,
     count: &Cell<u64>,
     on_bytes: impl Fn(u64),
 ) -> Result<(), PumpError> {
@@ -258,7 +275,10 @@ async fn pump(
         first,
         eof,
         other_eof,
+        armed,
     } = dir;
+    let mut waits = 0u32;
+    let mut polls: Option<op::PollStream> = None;
     let mut splicing = mode == Mode::Splice;
     let auto = mode == Mode::Auto;
     match first {
@@ -297,11 +317,36 @@ async fn pump(
             }
         };
         match round {
-            // `Busy`: wait on a poll (it completes at once, the source is
-            // readable) rather than yield_now: tokio-uring submits queued
-            // SQEs only when no task is ready, so a flow that always stays
-            // ready would delay every other connection's polls.
-            Round::Again | Round::Busy => {
+            // The source is drained (a read said EAGAIN or came back
+            // short): wait for its next event.
+            Round::Again => {
+                waits += 1;
+                if polls.is_none() && waits >= MULTISHOT_FROM_WAIT {
+                    polls = Some(op::PollStream::new(src.as_raw_fd(), op::READABLE));
+                    armed.set(true);
+                }
+                match polls.as_mut() {
+                    Some(stream) => {
+                        stream.next().await.map_err(PumpError::Read)?;
+                        if stream.is_done() {
+                            // The kernel ended it: arm a new one next time.
+                            polls = None;
+                        }
+                    }
+                    None => {
+                        op::poll(src.as_raw_fd(), op::READABLE)
+                            .await
+                            .map_err(PumpError::Read)?;
+                    }
+                }
+            }
+            // Maybe not drained: a one-shot poll, which completes at once
+            // if the source is still readable. For `Busy` this is a yield:
+            // a poll rather than yield_now, because tokio-uring submits
+            // queued SQEs only when no task is ready, so a flow that
+            // always stays ready would delay every other connection's
+            // polls.
+            Round::Short | Round::Busy => {
                 op::poll(src.as_raw_fd(), op::READABLE)
                     .await
                     .map_err(PumpError::Read)?;
@@ -330,7 +375,7 @@ async fn copy_round(
     src: &TcpStream,
     dst: &TcpStream,
     watch_bulk: bool,
-    activity: &Cell<Instant>,
+    activity: Activity<'_>,
     count: &Cell<u64>,
     on_bytes: &impl Fn(u64),
 ) -> Result<Round, PumpError> {
@@ -342,7 +387,7 @@ async fn copy_round(
                 write_all(dst, &buf[..n]).await.map_err(PumpError::Write)?;
                 count.set(count.get() + n as u64);
                 on_bytes(n as u64);
-                activity.set(Instant::now());
+                activity.moved(n as u64);
                 moved += n as u64;
                 if watch_bulk && n >= AUTO_SPLICE_THRESHOLD {
                     return Ok(Round::Bulk);
@@ -350,7 +395,7 @@ async fn copy_round(
                 if moved >= YIELD_EVERY {
                     return Ok(Round::Busy);
                 }
-                if n < SMALL_READ {
+                if n < SMALL_READ && n < buf.len() {
                     // A small read (request/response traffic): the socket
                     // is almost surely drained. Wait for more instead of
                     // paying a read that would only say EAGAIN; the poll
@@ -371,7 +416,7 @@ async fn splice_round(
     pipe: &mut sluice_uring::pipe::Pipe,
     src: &TcpStream,
     dst: &TcpStream,
-    activity: &Cell<Instant>,
+    activity: Activity<'_>,
     count: &Cell<u64>,
     on_bytes: &impl Fn(u64),
 ) -> Result<Round, PumpError> {
@@ -387,6 +432,7 @@ async fn splice_round(
                             count.set(count.get() + n as u64);
                             on_bytes(n as u64);
                             moved += n as u64;
+                            activity.moved(n as u64);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             op::poll(dst.as_raw_fd(), op::WRITABLE)
@@ -397,13 +443,12 @@ async fn splice_round(
                         Err(e) => return Err(PumpError::Write(e)),
                     }
                 }
-                activity.set(Instant::now());
                 if moved >= YIELD_EVERY {
                     return Ok(Round::Busy);
                 }
                 if filled < SMALL_READ.min(room) {
-                    // Small: the socket is drained (see copy_round).
-                    return Ok(Round::Again);
+                    // Small: the socket is likely drained (see copy_round).
+                    return Ok(Round::Short);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),

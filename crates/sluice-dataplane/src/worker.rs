@@ -16,6 +16,7 @@ use sluice_uring::pipe::PipePool;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{watch, Notify};
 
+use crate::conns::TcpConns;
 use crate::routes::ServiceRoutes;
 use crate::{tcp, WorkerEvent, WorkerMsg};
 
@@ -144,8 +145,8 @@ pub(crate) struct Worker {
     /// Open connections (TCP) on this worker.
     conns: Cell<usize>,
     conns_changed: Notify,
-    /// Flipped at the shutdown deadline: every connection closes.
-    pub hard_stop: watch::Sender<bool>,
+    /// Open TCP connections: idle timeouts and the shutdown deadline.
+    pub tcp: TcpConns,
     pub draining: Cell<bool>,
     rng: RefCell<fastrand::Rng>,
     /// When the "pipe pool exhausted" note was last logged.
@@ -352,7 +353,7 @@ impl Worker {
                                 me.cfg.index,
                                 me.conns.get()
                             );
-                            let _ = me.hard_stop.send(true);
+                            me.tcp.stop_all();
                             break;
                         }
                     }
@@ -378,7 +379,6 @@ fn run(
     let pipes = PipePool::new(cfg.max_pipes, cfg.max_pipes / 2, cfg.pipe_size);
     let seed =
         0x9e37_79b9_7f4a_7c15 ^ (index as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ now_nanos();
-    let (hard_stop, _) = watch::channel(false);
     let worker = Rc::new(Worker {
         cfg,
         events: events.clone(),
@@ -388,7 +388,7 @@ fn run(
         bufs: RefCell::new(Vec::new()),
         conns: Cell::new(0),
         conns_changed: Notify::new(),
-        hard_stop,
+        tcp: TcpConns::new(),
         draining: Cell::new(false),
         rng: RefCell::new(fastrand::Rng::with_seed(seed)),
         pipe_note: Cell::new(None),
@@ -396,6 +396,8 @@ fn run(
         udp: crate::udp::UdpWorker::new(),
     });
     sluice_uring::runtime::start(entries, async {
+        let sweeper = worker.clone();
+        tokio_uring::spawn(async move { sweeper.tcp.sweep_loop().await });
         loop {
             // Apply every queued message, then wait for the next wake-up
             // (no polling: the control thread notifies after each send).

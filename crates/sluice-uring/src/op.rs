@@ -76,3 +76,58 @@ pub async fn close<F: AsRawFd>(fd: F) {
     }
     drop(fd);
 }
+
+/// A multishot poll (`IORING_OP_POLL_ADD` with `IORING_POLL_ADD_MULTI`):
+/// armed once, it reports every readiness event on the fd until it is
+/// cancelled, where [`poll`] needs one submission per wait. For a socket
+/// that waits many times (a keep-alive conversation) it saves the
+/// submission, the arming and the disarming of each wait.
+///
+/// It is edge-like: an event is reported when the socket is woken (data,
+/// end-of-stream, an error), and once when it is armed if the socket is
+/// ready then. So the owner must read until the socket is drained (or a
+/// read came back shorter than asked) before it waits again; a report may
+/// come for data an earlier read already took.
+///
+/// Dropping it does not stop it in the kernel: close the fd with [`close`],
+/// which cancels it first.
+pub struct PollStream {
+    op: tokio_uring::InFlightMultishot,
+}
+
+impl std::fmt::Debug for PollStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollStream")
+            .field("done", &self.is_done())
+            .finish()
+    }
+}
+
+impl PollStream {
+    /// Arm a multishot poll for `events` on `fd`. Must be called inside a
+    /// [`crate::runtime`].
+    pub fn new(fd: RawFd, events: u32) -> Self {
+        let sqe = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(true)
+            .build();
+        Self {
+            op: tokio_uring::InFlightMultishot::submit(sqe),
+        }
+    }
+
+    /// The next event's poll mask. The kernel may end a multishot poll
+    /// (its last report, which may still carry a mask, says so): after
+    /// that [`PollStream::is_done`] is true and the caller arms a new one;
+    /// `next` then returns `ECANCELED`.
+    pub async fn next(&mut self) -> io::Result<u32> {
+        match std::future::poll_fn(|cx| self.op.poll_next(cx)).await {
+            Some((result, _more)) => result,
+            None => Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+        }
+    }
+
+    /// Whether the kernel ended this poll (nothing is left in flight).
+    pub fn is_done(&self) -> bool {
+        self.op.is_done()
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
@@ -120,6 +120,14 @@ pub fn finish_connect(stream: &TcpStream) -> io::Result<()> {
         None => Ok(()),
         Some(e) => Err(e),
     }
+}
+
+/// Shut both directions of the socket `fd` down (`shutdown(SHUT_RDWR)`):
+/// the peer gets a FIN, every poll on it completes and every read sees
+/// end-of-stream. Errors (already shut down, not connected) are ignored:
+/// the socket is on its way out either way. The caller owns `fd`.
+pub fn shutdown_both(fd: RawFd) {
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
 }
 
 /// The poll masks of two sockets right now (one `poll(2)` with a zero

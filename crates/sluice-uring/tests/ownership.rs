@@ -165,3 +165,59 @@ fn accepted_sockets_have_nodelay() {
         op::close(stream).await;
     });
 }
+
+/// A multishot poll reports one event per arrival, stays armed between
+/// them, and `close` cancels it: the peer sees EOF, and the runtime ends
+/// (its driver would wait forever for an operation nobody cancelled).
+#[test]
+fn poll_stream_reports_each_arrival_and_close_cancels_it() {
+    runtime::start(64, async {
+        let listener = loopback_listener();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
+        let (stream, _) = socket::accept(&listener).unwrap();
+        let mut polls = op::PollStream::new(stream.as_raw_fd(), op::READABLE);
+        let mut buf = [0u8; 64];
+        for round in 0..20u8 {
+            peer.write_all(&[round; 3]).unwrap();
+            let mask = tokio::time::timeout(Duration::from_secs(2), polls.next())
+                .await
+                .expect("an event for each arrival")
+                .unwrap();
+            assert!(mask & op::READABLE != 0, "mask {mask:#x}");
+            // The event may be one already taken by the previous read:
+            // read until this round's bytes are there.
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match (&stream).read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        polls.next().await.unwrap();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got, [round; 3]);
+            assert!(!polls.is_done(), "still armed after round {round}");
+        }
+        // Nothing more arrives: no event.
+        for _ in 0..3 {
+            let Ok(r) = tokio::time::timeout(Duration::from_millis(30), polls.next()).await else {
+                break;
+            };
+            // Only a leftover report of the last arrival can come.
+            r.unwrap();
+            assert!(
+                matches!((&stream).read(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock)
+            );
+        }
+        drop(polls);
+        op::close(stream).await;
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(
+            peer.read(&mut buf).unwrap(),
+            0,
+            "peer must see EOF after close"
+        );
+    });
+}

@@ -82,6 +82,15 @@ impl Handle {
         self.inner.borrow_mut().poll_op(op, cx)
     }
 
+    /// sluice patch: see `Driver::poll_multishot_next`.
+    pub(crate) fn poll_multishot_next(
+        &self,
+        index: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<crate::runtime::driver::op::CqeResult> {
+        self.inner.borrow_mut().poll_multishot_next(index, cx)
+    }
+
     pub(crate) fn poll_op_2(&self, index: usize, cx: &mut Context<'_>) -> Poll<cqueue::Entry> {
         self.inner.borrow_mut().poll_op_2(index, cx)
     }

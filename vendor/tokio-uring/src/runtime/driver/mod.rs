@@ -1,5 +1,7 @@
 use crate::buf::fixed::FixedBuffers;
-use crate::runtime::driver::op::{Completable, Lifecycle, MultiCQEFuture, Op, Updateable};
+use crate::runtime::driver::op::{
+    Completable, CqeResult, Lifecycle, MultiCQEFuture, Op, Updateable,
+};
 use io_uring::opcode::AsyncCancel;
 use io_uring::{cqueue, squeue, IoUring};
 use slab::Slab;
@@ -326,6 +328,45 @@ impl Driver {
                 unreachable!("No `more` flag set for SingleCQE")
             }
         }
+    }
+
+    /// sluice patch: the next completion of a multishot operation
+    /// (`InFlightMultishot`), oldest first. Once the final one (no `MORE`
+    /// flag) is returned the operation is gone from the slab.
+    pub(crate) fn poll_multishot_next(
+        &mut self,
+        index: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<CqeResult> {
+        let (lifecycle, completions) = self.ops.get_mut(index).expect("invalid internal state");
+        let next = match mem::replace(lifecycle, Lifecycle::Submitted) {
+            Lifecycle::Submitted => {
+                *lifecycle = Lifecycle::Waiting(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Lifecycle::Waiting(waker) => {
+                *lifecycle = if waker.will_wake(cx.waker()) {
+                    Lifecycle::Waiting(waker)
+                } else {
+                    Lifecycle::Waiting(cx.waker().clone())
+                };
+                return Poll::Pending;
+            }
+            Lifecycle::Ignored(..) => unreachable!(),
+            Lifecycle::Completed(cqe) => CqeResult::from(cqe),
+            Lifecycle::CompletionList(indices) => {
+                let mut list = indices.into_list(completions);
+                let first = list.pop().expect("a completion list is never empty");
+                if !list.is_empty() {
+                    *lifecycle = Lifecycle::CompletionList(list.into_indices());
+                }
+                first
+            }
+        };
+        if !cqueue::more(next.flags) {
+            self.ops.remove(index);
+        }
+        Poll::Ready(next)
     }
 
     pub(crate) fn poll_op<T>(&mut self, op: &mut Op<T>, cx: &mut Context<'_>) -> Poll<T::Output>

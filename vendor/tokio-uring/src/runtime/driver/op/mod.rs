@@ -114,6 +114,64 @@ impl<D: 'static, T: OneshotOutputTransform<StoredData = D>> Drop for InFlightOne
     }
 }
 
+/// sluice patch: a multishot operation in flight (such as `POLL_ADD` with
+/// `IORING_POLL_ADD_MULTI`), whose completions are taken one at a time with
+/// [`InFlightMultishot::poll_next`]. Dropping it before its final completion
+/// does not stop it in the kernel: the owner must cancel it (e.g. with
+/// `ASYNC_CANCEL` on its fd); the driver keeps the operation until then, and
+/// cancels whatever is left when it is dropped.
+pub struct InFlightMultishot {
+    driver: driver::WeakHandle,
+    index: usize,
+    done: bool,
+}
+
+impl InFlightMultishot {
+    /// Submit `sqe`, a multishot operation, for batched entry to the kernel.
+    pub fn submit(sqe: squeue::Entry) -> Self {
+        let handle = CONTEXT
+            .with(|x| x.handle())
+            .expect("Could not submit op; not in runtime context");
+        let index = handle.submit_op_2(sqe);
+        Self {
+            driver: (&handle).into(),
+            index,
+            done: false,
+        }
+    }
+
+    /// The next completion, oldest first: its result and whether more will
+    /// follow. `None` once the final one was taken.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(io::Result<u32>, bool)>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let driver = self
+            .driver
+            .upgrade()
+            .expect("Failed to poll op: driver no longer exists");
+        let cqe = ready!(driver.poll_multishot_next(self.index, cx));
+        let more = cqueue::more(cqe.flags);
+        self.done = !more;
+        Poll::Ready(Some((cqe.result, more)))
+    }
+
+    /// Whether the final completion was taken (nothing is left in flight).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for InFlightMultishot {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(driver) = self.driver.upgrade() {
+                driver.remove_op_2(self.index, ());
+            }
+        }
+    }
+}
+
 /// Transforms the output of a oneshot operation into a more user-friendly format.
 pub trait OneshotOutputTransform {
     /// The final output after the transformation.
