@@ -491,10 +491,11 @@ fn emfile_in_accept_backs_off_and_recovers() {
 }
 
 /// A long conversation (many request/response rounds on one connection,
-/// which sluice waits on with a multishot poll after the first few) in each
-/// transfer mode: every byte comes back in order, both closes reach the
-/// other side, and no socket is left once the connections are gone (the
-/// multishot polls are cancelled, or the sockets would stay open).
+/// which sluice waits on with a multishot poll after the first few), then a
+/// bulk transfer on the same connections, in each transfer mode: every byte
+/// comes back in order, both closes reach the other side, and no socket is
+/// left once the connections are gone (the multishot polls are cancelled,
+/// or the sockets would stay open).
 #[test]
 fn keep_alive_conversation_in_every_mode_closes_cleanly() {
     let echo = TcpEcho::start();
@@ -523,6 +524,19 @@ fn keep_alive_conversation_in_every_mode_closes_cleanly() {
                     .unwrap_or_else(|e| panic!("{mode}: round {round} client {i}: {e}"));
                 assert_eq!(back, msg, "{mode}: round {round} client {i}");
             }
+        }
+        // Then the conversation turns into a bulk transfer both ways (auto
+        // switches to splice, and the multishot polls give way).
+        let bulk = sluice_e2e::pseudo_random_bytes(11, 3 << 20);
+        for c in &mut clients {
+            let mut writer = c.try_clone().unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| writer.write_all(&bulk).unwrap());
+                let mut back = vec![0; bulk.len()];
+                c.read_exact(&mut back)
+                    .unwrap_or_else(|e| panic!("{mode}: bulk: {e}"));
+                assert!(back == bulk, "{mode}: bulk echo differs");
+            });
         }
         // The client half-closes; the echo answers with its own FIN.
         for c in &clients {

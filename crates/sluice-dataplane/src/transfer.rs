@@ -39,11 +39,15 @@ const AUTO_SPLICE_THRESHOLD: usize = 64 * 1024;
 const SMALL_READ: usize = 16 * 1024;
 /// Bytes a direction moves before it yields to other tasks.
 const YIELD_EVERY: u64 = 4 << 20;
-/// From this many waits for its source on, a direction waits with one
-/// multishot poll instead of a poll per wait (a keep-alive conversation).
-/// A short connection (connect, request, response, close) waits less
-/// often than this, so it never needs a cancel at close.
-const MULTISHOT_FROM_WAIT: u32 = 3;
+/// After this many waits in a row that each followed a small exchange
+/// (under `SMALL_READ` moved since the previous wait), a direction waits
+/// with one multishot poll instead of a poll per wait: a keep-alive
+/// conversation. A short connection (connect, request, response, close)
+/// waits less often than this, so it never needs a cancel at close. A bulk
+/// flow does not use it: a multishot poll reports every segment that
+/// arrives, also while the flow is busy moving the previous ones, where a
+/// one-shot poll costs nothing until the flow waits.
+const MULTISHOT_AFTER_SMALL_WAITS: u32 = 3;
 
 /// An io_uring poll already in flight on a socket, handed from the set-up of
 /// a connection to the direction that reads that socket, so that it is
@@ -232,8 +236,9 @@ impl Activity<'_> {
 
 enum Round {
     /// The source is drained: a read said `EAGAIN`, or took less than it
-    /// could have (a read takes all the socket has, up to its size).
-    Again,
+    /// could have (a read takes all the socket has, up to its size). With
+    /// the bytes moved in the round.
+    Again(u64),
     /// The source is most likely drained (a short splice: it can also stop
     /// early when the pipe runs out of slots).
     Short,
@@ -277,7 +282,9 @@ async fn pump(
         other_eof,
         armed,
     } = dir;
-    let mut waits = 0u32;
+    // Waits in a row after small exchanges, and the multishot poll armed
+    // after enough of them.
+    let mut small_waits = 0u32;
     let mut polls: Option<op::PollStream> = None;
     let mut splicing = mode == Mode::Splice;
     let auto = mode == Mode::Auto;
@@ -319,9 +326,17 @@ async fn pump(
         match round {
             // The source is drained (a read said EAGAIN or came back
             // short): wait for its next event.
-            Round::Again => {
-                waits += 1;
-                if polls.is_none() && waits >= MULTISHOT_FROM_WAIT {
+            Round::Again(moved) => {
+                if moved < SMALL_READ as u64 && !splicing {
+                    small_waits += 1;
+                } else {
+                    small_waits = 0;
+                    if let Some(stream) = polls.take() {
+                        // Turned into a bulk flow.
+                        stream.cancel();
+                    }
+                }
+                if polls.is_none() && small_waits >= MULTISHOT_AFTER_SMALL_WAITS {
                     polls = Some(op::PollStream::new(src.as_raw_fd(), op::READABLE));
                     armed.set(true);
                 }
@@ -365,7 +380,13 @@ async fn pump(
                 }
                 return Ok(());
             }
-            Round::Bulk => splicing = true,
+            Round::Bulk => {
+                splicing = true;
+                small_waits = 0;
+                if let Some(stream) = polls.take() {
+                    stream.cancel();
+                }
+            }
         }
     }
 }
@@ -402,10 +423,10 @@ async fn copy_round(
                     // completes at once if more has arrived meanwhile. Bulk
                     // flows keep reading: for them another read is cheaper
                     // than a poll round trip.
-                    return Ok(Round::Again);
+                    return Ok(Round::Again(moved));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again(moved)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(PumpError::Read(e)),
         }
@@ -451,7 +472,7 @@ async fn splice_round(
                     return Ok(Round::Short);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Again(moved)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(PumpError::Read(e)),
         }

@@ -126,6 +126,12 @@ impl PollStream {
         }
     }
 
+    /// Cancel it in the kernel (just this poll, not other operations on
+    /// the fd) and let it go.
+    pub fn cancel(self) {
+        self.op.cancel();
+    }
+
     /// Whether the kernel ended this poll (nothing is left in flight).
     pub fn is_done(&self) -> bool {
         self.op.is_done()

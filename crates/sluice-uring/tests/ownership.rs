@@ -221,3 +221,40 @@ fn poll_stream_reports_each_arrival_and_close_cancels_it() {
         );
     });
 }
+
+/// `PollStream::cancel` stops just that poll in the kernel: a plain close
+/// afterwards really closes the socket (the peer sees EOF), which it would
+/// not with the poll still holding the file.
+#[test]
+fn poll_stream_cancel_releases_the_socket() {
+    runtime::start(64, async {
+        let listener = loopback_listener();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
+        let (stream, _) = socket::accept(&listener).unwrap();
+        let mut polls = op::PollStream::new(stream.as_raw_fd(), op::READABLE);
+        peer.write_all(b"hi").unwrap();
+        polls.next().await.unwrap();
+        // The peer waits for the close in a thread while the runtime runs
+        // (it submits the cancel when it next parks).
+        let reader = std::thread::spawn(move || {
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 8];
+            peer.read(&mut buf)
+        });
+        polls.cancel();
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "the peer read did not return");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let r = reader.join().unwrap();
+        // The unread "hi" makes the close a reset; either way the peer
+        // learns at once that the socket is gone.
+        assert!(
+            matches!(&r, Ok(0)) || matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "peer must see the close, got {r:?}"
+        );
+    });
+}

@@ -82,6 +82,11 @@ impl Handle {
         self.inner.borrow_mut().poll_op(op, cx)
     }
 
+    /// sluice patch: see `Driver::cancel_op_2`.
+    pub(crate) fn cancel_op_2(&self, index: usize) {
+        self.inner.borrow_mut().cancel_op_2(index)
+    }
+
     /// sluice patch: see `Driver::poll_multishot_next`.
     pub(crate) fn poll_multishot_next(
         &self,

@@ -206,6 +206,17 @@ impl Driver {
         index
     }
 
+    /// sluice patch: ask the kernel to cancel the operation at `index`
+    /// (`ASYNC_CANCEL` by its user data). The cancel's own completion is
+    /// ignored, like those the driver submits when it is dropped; the
+    /// operation's final completion arrives as usual.
+    pub(crate) fn cancel_op_2(&mut self, index: usize) {
+        let sqe = AsyncCancel::new(index as u64).build().user_data(u64::MAX);
+        while unsafe { self.uring.submission().push(&sqe).is_err() } {
+            self.submit().expect("Internal error, failed to submit ops");
+        }
+    }
+
     pub(crate) fn submit_op<T, S, F>(
         &mut self,
         mut data: T,

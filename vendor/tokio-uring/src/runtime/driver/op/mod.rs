@@ -156,6 +156,16 @@ impl InFlightMultishot {
         Poll::Ready(Some((cqe.result, more)))
     }
 
+    /// Ask the kernel to cancel it and let it go: its last completion is
+    /// dropped by the driver when it arrives.
+    pub fn cancel(self) {
+        if !self.done {
+            if let Some(driver) = self.driver.upgrade() {
+                driver.cancel_op_2(self.index);
+            }
+        }
+    }
+
     /// Whether the final completion was taken (nothing is left in flight).
     pub fn is_done(&self) -> bool {
         self.done
