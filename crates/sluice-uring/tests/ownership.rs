@@ -12,17 +12,23 @@ fn loopback_listener() -> TcpListener {
     socket::tcp_listener("127.0.0.1:0".parse().unwrap(), 128).unwrap()
 }
 
+/// A loopback connection: (the peer's end, the end accepted through an
+/// io_uring poll on the listener). Must run inside the runtime.
+async fn accepted_pair() -> (TcpStream, TcpStream) {
+    let listener = loopback_listener();
+    let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
+    let (stream, _) = socket::accept(&listener).unwrap();
+    (peer, stream)
+}
+
 /// A poll that is dropped (e.g. on a timeout) stays in the kernel; `close`
 /// cancels it in the kernel, so the socket really closes: the peer sees EOF
 /// at once. (Descriptor counts are checked end to end on the sluice process.)
 #[test]
 fn close_cancels_pending_poll_and_really_closes() {
     runtime::start(64, async {
-        let listener = loopback_listener();
-        let addr = listener.local_addr().unwrap();
-        let mut peer = TcpStream::connect(addr).unwrap();
-        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
-        let (stream, _) = socket::accept(&listener).unwrap();
+        let (mut peer, stream) = accepted_pair().await;
 
         // A poll for data that never comes, abandoned after a short timeout.
         let fd = stream.as_raw_fd();
@@ -48,10 +54,7 @@ fn close_cancels_pending_poll_and_really_closes() {
 #[test]
 fn plain_drop_with_pending_poll_keeps_socket_alive() {
     runtime::start(64, async {
-        let listener = loopback_listener();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
-        let (stream, _) = socket::accept(&listener).unwrap();
+        let (mut peer, stream) = accepted_pair().await;
         let fd = stream.as_raw_fd();
         let _ = tokio::time::timeout(Duration::from_millis(20), op::poll(fd, op::READABLE)).await;
         drop(stream); // close(2) without cancelling the in-flight poll
@@ -157,10 +160,7 @@ fn splice_through_pooled_pipe() {
 #[test]
 fn accepted_sockets_have_nodelay() {
     runtime::start(64, async {
-        let listener = loopback_listener();
-        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
-        let (stream, _) = socket::accept(&listener).unwrap();
+        let (_client, stream) = accepted_pair().await;
         assert!(stream.nodelay().unwrap());
         op::close(stream).await;
     });
@@ -172,10 +172,7 @@ fn accepted_sockets_have_nodelay() {
 #[test]
 fn poll_stream_reports_each_arrival_and_close_cancels_it() {
     runtime::start(64, async {
-        let listener = loopback_listener();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
-        let (stream, _) = socket::accept(&listener).unwrap();
+        let (mut peer, stream) = accepted_pair().await;
         let mut polls = op::PollStream::new(stream.as_raw_fd(), op::READABLE);
         let mut buf = [0u8; 64];
         for round in 0..20u8 {
@@ -228,10 +225,7 @@ fn poll_stream_reports_each_arrival_and_close_cancels_it() {
 #[test]
 fn poll_stream_cancel_releases_the_socket() {
     runtime::start(64, async {
-        let listener = loopback_listener();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
-        let (stream, _) = socket::accept(&listener).unwrap();
+        let (mut peer, stream) = accepted_pair().await;
         let mut polls = op::PollStream::new(stream.as_raw_fd(), op::READABLE);
         peer.write_all(b"hi").unwrap();
         polls.next().await.unwrap();
