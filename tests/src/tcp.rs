@@ -405,12 +405,15 @@ impl TcpHashSink {
                 }
             }
             let (len, hex) = hash.finish();
-            conn.write_all(format!("{len} {hex}\n").as_bytes())?;
+            let line = format!("{len} {hex}\n");
+            // Reported before the reply goes out: a client that has read
+            // the reply finds the report there.
             sink_reports
                 .0
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((len, hex));
+            conn.write_all(line.as_bytes())?;
             conn.shutdown_write()
         });
         (TcpHashSink(server), reports)
