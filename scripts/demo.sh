@@ -98,10 +98,21 @@ cleanup() {
 }
 
 # A free TCP or UDP port on 127.0.0.1.
-free_port() {
+free_port() { # tcp (default), udp, or both (a port free for TCP and UDP)
     python3 -c 'import socket,sys
-s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=="udp" else socket.SOCK_STREAM)
-s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "${1:-tcp}"
+kinds={"tcp":[socket.SOCK_STREAM],"udp":[socket.SOCK_DGRAM],"both":[socket.SOCK_STREAM,socket.SOCK_DGRAM]}[sys.argv[1]]
+for _ in range(100):
+    socks=[socket.socket(socket.AF_INET,kinds[0])]
+    socks[0].bind(("127.0.0.1",0))
+    port=socks[0].getsockname()[1]
+    try:
+        for kind in kinds[1:]:
+            s=socket.socket(socket.AF_INET,kind); socks.append(s); s.bind(("127.0.0.1",port))
+    except OSError:
+        continue
+    print(port); break
+else:
+    sys.exit("no free port")' "${1:-tcp}"
 }
 
 # Wait (up to $3 seconds) until file $1 contains text $2.
@@ -217,8 +228,20 @@ tcp_demo() {
     ((status == 0)) || die "sluice did not exit cleanly"
 }
 
-# A knotd serving zone `test.` (who.test TXT = its name) on 127.0.0.1:$2.
-start_knot() { # name port
+# A knotd serving zone `test.` (who.test TXT = its name) on a free
+# 127.0.0.1 port (UDP and TCP), set in KNOT_PORT; its pid in KNOT_PID. A
+# port taken between the check and knotd's bind (an outgoing connection's
+# ephemeral port, say) gets another try on a new port.
+start_knot() { # name
+    local name=$1 try
+    for ((try = 0; try < 5; try++)); do
+        start_knot_on "$name" "$(free_port both)" && return 0
+    done
+    cat "$DEMO_DIR/knot-$name/knotd.log" >&2
+    die "knotd $name did not start"
+}
+
+start_knot_on() { # name port
     local name=$1 port=$2 dir="$DEMO_DIR/knot-$1" knotd
     knotd=$(command -v knotd || echo /usr/sbin/knotd)
     [[ -x "$knotd" ]] || die "knotd not found (Debian package knot)"
@@ -252,25 +275,30 @@ zone:
     file: "test.zone"
 CONF
     "$knotd" -c "$dir/knot.conf" 2>"$dir/knotd.log" &
-    PIDS+=($!)
-    local i
+    local pid=$! i
+    PIDS+=("$pid")
     for ((i = 0; i < 100; i++)); do
-        kdig -p "$port" @127.0.0.1 who.test TXT +short +timeout=1 +retry=0 2>/dev/null | grep -q "$name" && return 0
+        if kdig -p "$port" @127.0.0.1 who.test TXT +short +timeout=1 +retry=0 2>/dev/null | grep -q "$name"; then
+            KNOT_PORT=$port KNOT_PID=$pid
+            return 0
+        fi
+        # Exited (its port was taken): the caller tries another port.
+        kill -0 "$pid" 2>/dev/null || return 1
         sleep 0.1
     done
     cat "$dir/knotd.log" >&2
-    die "knotd $name did not start"
+    die "knotd $name did not answer"
 }
 
 dns_demo() {
     command -v kdig >/dev/null || die "kdig not found (Debian package knot-dnsutils)"
-    local lb_port k1 k2 k3 config="$DEMO_DIR/dns.yaml" log="$DEMO_DIR/dns.log"
-    lb_port=$(free_port udp) k1=$(free_port udp) k2=$(free_port udp) k3=$(free_port udp)
+    local lb_port k1 k2 k3 k3_pid config="$DEMO_DIR/dns.yaml" log="$DEMO_DIR/dns.log"
+    lb_port=$(free_port udp)
 
     say "DNS: three knotd resolvers (k1, k2, k3) and sluice in dns mode in front"
-    start_knot k1 "$k1"
-    start_knot k2 "$k2"
-    start_knot k3 "$k3"
+    start_knot k1 && k1=$KNOT_PORT
+    start_knot k2 && k2=$KNOT_PORT
+    start_knot k3 && k3=$KNOT_PORT k3_pid=$KNOT_PID
     cat >"$config" <<YAML
 workers: 2
 services:
@@ -301,7 +329,7 @@ YAML
     done | sort | uniq -c | sed 's/^/    /'
 
     say "k3 stops: the dns health check marks it down, queries go to k1 and k2"
-    kill "${PIDS[-2]}"
+    kill "$k3_pid"
     wait_for_log "$log" "is DOWN"
     grep -- "is DOWN" "$log" | tail -n 1 | sed 's/^/    log: /'
     for ((i = 0; i < 8; i++)); do
