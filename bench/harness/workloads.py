@@ -59,6 +59,16 @@ class Workload:
     def setup(self) -> None:
         raise NotImplementedError
 
+    def start_backends(self, start, name: str, what: str, probe, timeout: float = 10) -> None:
+        """Two backends on free ports, `start(ctx, f"{name}-{i}", port)`, each
+        waited for until `probe(port)` is true."""
+        for i in range(2):
+            port = free_port()
+            p = start(self.ctx, f"{name}-{i}", port)
+            wait_until(f"{what} on {port}", lambda: probe(port), timeout, proc=p)
+            self.backend_procs.append(p)
+            self.backend_ports.append(port)
+
     def ready(self, port: int, proc) -> None:
         raise NotImplementedError
 
@@ -89,12 +99,8 @@ class TcpBulk(Workload):
             Row("haproxy"), Row("haproxy", "splice"), Row("nginx")]
 
     def setup(self):
-        for i in range(2):
-            port = free_port()
-            p = start_iperf3_server(self.ctx, f"iperf3-server-{i}", port)
-            wait_until(f"iperf3 server on {port}", lambda: netutil.tcp_listening(port), 10, proc=p)
-            self.backend_procs.append(p)
-            self.backend_ports.append(port)
+        self.start_backends(start_iperf3_server, "iperf3-server", "iperf3 server",
+                            netutil.tcp_listening)
 
     def ready(self, port, proc):
         # No probe connection: iperf3 would take it for a test.
@@ -182,12 +188,8 @@ class HttpBackends(Workload):
     """Two nginx HTTP servers (one worker each) answering 128-byte bodies."""
 
     def setup(self):
-        for i in range(2):
-            port = free_port()
-            p = start_http_backend(self.ctx, f"{self.name}-http-{i}", port)
-            wait_until(f"nginx backend on {port}", lambda: netutil.http_ok(port), 10, proc=p)
-            self.backend_procs.append(p)
-            self.backend_ports.append(port)
+        self.start_backends(start_http_backend, f"{self.name}-http", "nginx backend",
+                            netutil.http_ok)
 
     def ready(self, port, proc):
         wait_until(f"{proc.name} proxying HTTP on {port}", lambda: netutil.http_ok(port), 10,
@@ -298,13 +300,8 @@ class UdpDns(Workload):
 
     def setup(self):
         self.qfile = query_file(self.ctx.tmp / "queries.txt")
-        for i in range(2):
-            port = free_port()
-            p = start_knot(self.ctx, f"knot-{i}", port)
-            wait_until(f"knotd answering on {port}", lambda: netutil.dns_ok(port, "a1.example.com"),
-                       15, proc=p)
-            self.backend_procs.append(p)
-            self.backend_ports.append(port)
+        self.start_backends(start_knot, "knot", "knotd answering",
+                            lambda port: netutil.dns_ok(port, "a1.example.com"), timeout=15)
 
     def ready(self, port, proc):
         wait_until(f"{proc.name} answering DNS on {port}",
@@ -364,12 +361,7 @@ class IdleMem(Workload):
     rows = [Row("direct"), Row("sluice", "auto"), Row("haproxy"), Row("nginx")]
 
     def setup(self):
-        for i in range(2):
-            port = free_port()
-            p = start_sink(self.ctx, f"sink-{i}", port)
-            wait_until(f"sink on {port}", lambda: echo_ok(port), 10, proc=p)
-            self.backend_procs.append(p)
-            self.backend_ports.append(port)
+        self.start_backends(start_sink, "sink", "sink", echo_ok)
 
     def ready(self, port, proc):
         wait_until(f"{proc.name} proxying on {port}", lambda: echo_ok(port), 10, proc=proc)

@@ -481,29 +481,22 @@ fn known_traffic_gives_exact_counters_and_status() {
     lb.rewrite_config(&config("6s"));
 
     // ---- health: the healthy backends passed checks, the dead ones failed.
+    let checks = |addr, result| {
+        be(
+            "sluice_health_checks_total",
+            "web",
+            addr,
+            Some(("result", result)),
+        )
+    };
     eventually(
         Duration::from_secs(15),
         "every web backend to be checked",
         || {
             let s = scrape(admin);
-            s.get(&be(
-                "sluice_health_checks_total",
-                "web",
-                e1a,
-                Some(("result", "pass")),
-            )) > 0.0
-                && s.get(&be(
-                    "sluice_health_checks_total",
-                    "web",
-                    e2a,
-                    Some(("result", "pass")),
-                )) > 0.0
-                && s.get(&be(
-                    "sluice_health_checks_total",
-                    "web",
-                    r,
-                    Some(("result", "fail")),
-                )) > 0.0
+            s.get(&checks(e1a, "pass")) > 0.0
+                && s.get(&checks(e2a, "pass")) > 0.0
+                && s.get(&checks(r, "fail")) > 0.0
         },
     );
     // Settled: every connection closed (the last decrement follows the
@@ -524,14 +517,6 @@ fn known_traffic_gives_exact_counters_and_status() {
     let c2 = (2 + N / 2) as f64;
     let b = B as f64;
     let bytes = |addr, dir| be("sluice_bytes_total", "web", addr, Some(("direction", dir)));
-    let checks = |addr, result| {
-        be(
-            "sluice_health_checks_total",
-            "web",
-            addr,
-            Some(("result", result)),
-        )
-    };
     let count = |service, addr| be("sluice_connect_duration_seconds_count", service, addr, None);
     // (prometheus-client writes the `le` label first)
     let inf = |addr: SocketAddr| {

@@ -135,13 +135,15 @@ impl TcpConns {
     }
 
     /// Whether, and why, the worker ended `key`.
+    #[cfg(test)]
     pub fn ended(&self, key: usize) -> Option<Ended> {
         self.conns.borrow().get(key).and_then(|c| c.ended.get())
     }
 
-    /// `key` is about to close its client socket: forget it.
-    pub fn remove(&self, key: usize) {
-        self.conns.borrow_mut().try_remove(key);
+    /// `key` is about to close its client socket: forget it, and say
+    /// whether, and why, the worker ended it.
+    pub fn remove(&self, key: usize) -> Option<Ended> {
+        self.conns.borrow_mut().try_remove(key)?.ended.get()
     }
 
     pub fn stopping(&self) -> bool {
@@ -234,7 +236,7 @@ mod tests {
             0
         );
         table.unproxy(key);
-        table.remove(key);
+        assert_eq!(table.remove(key), Some(Ended::Idle));
         assert_eq!(table.ended(key), None);
     }
 

@@ -193,8 +193,7 @@ async fn connection(
     let routes = slot.routes();
     let started = Instant::now();
     let outcome = serve(&worker, &slot, &routes, &client, key, peer, local).await;
-    let ended = worker.tcp.ended(key);
-    worker.tcp.remove(key);
+    let ended = worker.tcp.remove(key);
     let (reason, backend, up, down, polled) = match &outcome {
         Served::Proxied {
             backend,
