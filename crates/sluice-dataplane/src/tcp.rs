@@ -218,7 +218,7 @@ async fn connection(
     if polled {
         op::close(client).await;
     } else {
-        drop(client);
+        socket::close(client);
     }
     if routes.service.access_log {
         let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
@@ -357,7 +357,7 @@ async fn serve(
     if unclean || stats.backend_armed {
         op::close(stream).await;
     } else {
-        drop(stream);
+        socket::close(stream);
     }
     backend.metrics.active.add(core, -1);
     backend.load.active.fetch_sub(1, Ordering::Relaxed);

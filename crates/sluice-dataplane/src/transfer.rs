@@ -15,12 +15,12 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 
-use sluice_uring::op;
+use sluice_uring::{op, socket};
 
 use crate::conns::TcpConns;
 use crate::routes::BackendRoute;
@@ -117,7 +117,7 @@ impl std::fmt::Debug for PumpError {
 /// Write all of `data` to a non-blocking socket.
 pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        match (&*dst).write(data) {
+        match socket::send(dst.as_raw_fd(), data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -402,7 +402,7 @@ async fn copy_round(
 ) -> Result<Round, PumpError> {
     let mut moved = 0u64;
     loop {
-        match (&*src).read(buf) {
+        match socket::recv(src.as_raw_fd(), buf) {
             Ok(0) => return Ok(Round::Eof),
             Ok(n) => {
                 write_all(dst, &buf[..n]).await.map_err(PumpError::Write)?;

@@ -7,7 +7,7 @@
 //! operation on the fd and waits for the cancellation before closing.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use io_uring::{cqueue, opcode, types};
 use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
@@ -70,11 +70,11 @@ pub async fn cancel_fd(fd: RawFd) -> io::Result<u32> {
 /// Cancel every operation in flight on `fd`'s descriptor, then close it.
 /// After this returns the kernel holds no reference from this process's
 /// ring to the file, so a socket is really closed (FIN/RST sent).
-pub async fn close<F: AsRawFd>(fd: F) {
+pub async fn close<F: AsRawFd + Into<OwnedFd>>(fd: F) {
     if let Err(e) = cancel_fd(fd.as_raw_fd()).await {
         log::debug!("cancel on fd {} failed: {e}", fd.as_raw_fd());
     }
-    drop(fd);
+    crate::socket::close(fd);
 }
 
 /// A multishot poll (`IORING_OP_POLL_ADD` with `IORING_POLL_ADD_MULTI`):

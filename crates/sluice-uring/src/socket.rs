@@ -1,9 +1,16 @@
 //! Socket set-up: SO_REUSEPORT listeners, non-blocking accept and connect,
-//! UDP sockets that learn the destination address of each datagram.
+//! UDP sockets that learn the destination address of each datagram; and
+//! the non-blocking `send`/`recv` every data path uses.
+//!
+//! `send` and `recv` are made with `syscall(2)` rather than through libc's
+//! wrappers: those are thread-cancellation points and wrap each call in two
+//! extra calls that switch asynchronous cancellation off and on again
+//! (sluice never cancels threads; `pthread_disable_asynccancel` alone was
+//! 2% of the worker's samples in the keep-alive profile).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
@@ -73,17 +80,20 @@ pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     let raw: *mut libc::sockaddr_storage = unsafe { storage.view_as::<libc::sockaddr_storage>() };
     // SAFETY: `raw` points to writable storage of `len` bytes, as accept4
     // requires; the listener fd is open for the duration of the call.
+    // (`syscall(2)`, not libc's cancellation-point wrapper: see above.)
     let fd = unsafe {
-        libc::accept4(
+        libc::syscall(
+            libc::SYS_accept4,
             listener.as_raw_fd(),
-            raw.cast(),
-            &mut len,
+            raw.cast::<libc::sockaddr>(),
+            &mut len as *mut libc::socklen_t,
             libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
         )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    let fd = fd as RawFd;
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: accept4 wrote the peer's address into `storage` and its length
@@ -105,10 +115,27 @@ pub fn connect_start(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    let done = match socket.connect(&addr.into()) {
-        Ok(()) => true,
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
-        Err(e) => return Err(e),
+    let sa = SockAddr::from(addr);
+    // SAFETY: `sa` holds a valid socket address of `sa.len()` bytes for the
+    // duration of the call, and the socket is open. (`syscall(2)`, not
+    // libc's cancellation-point wrapper: see the module docs.)
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_connect,
+            socket.as_raw_fd(),
+            sa.as_ptr().cast::<libc::sockaddr>(),
+            sa.len(),
+        )
+    };
+    let done = if r == 0 {
+        true
+    } else {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINPROGRESS) {
+            false
+        } else {
+            return Err(e);
+        }
     };
     Ok((socket.into(), done))
 }
@@ -140,19 +167,101 @@ pub fn ready_now(
     b: &TcpStream,
     b_events: u32,
 ) -> io::Result<(u32, u32)> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let flags = |e: u32| PollFlags::from_bits_retain(e as u16 as i16);
-    let mut fds = [
-        PollFd::new(a.as_fd(), flags(a_events)),
-        PollFd::new(b.as_fd(), flags(b_events)),
-    ];
+    let pollfd = |fd: &TcpStream, events: u32| libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: events as u16 as i16,
+        revents: 0,
+    };
+    let mut fds = [pollfd(a, a_events), pollfd(b, b_events)];
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     loop {
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+        // SAFETY: `fds` is a live array of two pollfds, the length given;
+        // `zero` is a valid timespec; a null signal mask is allowed.
+        // (`ppoll` through `syscall(2)`: libc's wrapper is a
+        // cancellation point, see the module docs.)
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_ppoll,
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &zero as *const libc::timespec,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+        if r >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
-    let mask = |fd: &PollFd<'_>| fd.revents().map_or(0, |r| r.bits() as u16 as u32);
+    let mask = |fd: &libc::pollfd| fd.revents as u16 as u32;
     Ok((mask(&fds[0]), mask(&fds[1])))
+}
+
+/// Send from `data` on the connected non-blocking socket `fd` without
+/// waiting (`send(2)` with `MSG_DONTWAIT | MSG_NOSIGNAL`): the bytes taken,
+/// or `WouldBlock` when there is no room. A pending socket error (for UDP,
+/// an earlier ICMP port unreachable) is returned instead and cleared.
+pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a valid readable buffer of `data.len()` bytes for
+    // the duration of the call; a null address with length 0 is allowed.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            fd,
+            data.as_ptr(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            std::ptr::null::<libc::sockaddr>(),
+            0 as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Close `fd` now (`close(2)` through `syscall(2)`, not libc's
+/// cancellation-point wrapper). Like dropping it, errors are ignored: the
+/// descriptor is released either way. An fd with io_uring operations in
+/// flight must go through [`crate::op::close`] instead.
+pub fn close(fd: impl Into<OwnedFd>) {
+    let raw = fd.into().into_raw_fd();
+    // SAFETY: `raw` came out of an `OwnedFd`, so this process owns it and
+    // nothing else will close or use it.
+    unsafe {
+        libc::syscall(libc::SYS_close, raw);
+    }
+}
+
+/// Receive into `buf` from the non-blocking socket `fd` without waiting
+/// (`recv(2)` with `MSG_DONTWAIT`): the bytes read, `Ok(0)` at end of
+/// stream (or for an empty `buf`), `WouldBlock` when nothing is queued.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes, not
+    // otherwise borrowed during the call; null address pointers are allowed.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<libc::socklen_t>(),
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }

@@ -479,28 +479,9 @@ unsafe fn put_cmsg<T>(
 }
 
 /// Send `data` on the connected non-blocking UDP socket `fd` without
-/// waiting (`send(2)`). A pending socket error (an earlier ICMP port
-/// unreachable) is returned instead and cleared, as for `send`.
-pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: `data` is a valid readable buffer of `data.len()` bytes for
-    // the duration of the call.
-    let n = unsafe {
-        libc::syscall(
-            libc::SYS_sendto,
-            fd,
-            data.as_ptr(),
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            std::ptr::null::<libc::sockaddr>(),
-            0 as libc::socklen_t,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
+/// waiting. A pending socket error (an earlier ICMP port unreachable) is
+/// returned instead and cleared, as for `send(2)`.
+pub use crate::socket::send;
 
 /// A global allocator that counts allocations (and reallocations) and
 /// otherwise forwards to the system allocator: tests install it with
