@@ -553,3 +553,82 @@ fn keep_alive_conversation_in_every_mode_closes_cleanly() {
         });
     }
 }
+
+/// A conversation whose client stops reading: sluice's writes to it come
+/// up short while the backend keeps sending small messages, so the
+/// multishot receive on the backend is cancelled with replies on their way.
+/// Every byte still arrives, in order, once the client reads again (a tiny
+/// receive buffer makes the client's side fill up fast).
+#[test]
+fn a_conversation_with_a_slow_reader_loses_no_byte() {
+    const PUSH: usize = 1200 * 4000;
+    let pushed = sluice_e2e::pseudo_random_bytes(7, PUSH);
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(4);
+    let backend = {
+        let pushed = pushed.clone();
+        TcpServer::start("127.0.0.1:0".parse().unwrap(), move |conn| {
+            // 100-byte messages are echoed; one starting with 0xff asks for
+            // PUSH bytes in 4000-byte messages, 200 us apart.
+            let mut msg = [0u8; 100];
+            loop {
+                let mut got = 0;
+                while got < msg.len() {
+                    let n = conn.read(&mut msg[got..])?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    got += n;
+                }
+                if msg[0] != 0xff {
+                    conn.write_all(&msg)?;
+                    continue;
+                }
+                for chunk in pushed.chunks(4000) {
+                    conn.write_all(chunk)?;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let _ = done_tx.try_send(());
+            }
+        })
+    };
+    for mode in ["copy", "auto"] {
+        let listen = free_tcp_addr();
+        let lb = Sluice::started(&service(
+            listen,
+            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
+            &[backend.addr()],
+        ));
+        let baseline = lb.socket_count();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&listen.into()).unwrap();
+        let mut client: TcpStream = socket.into();
+        client.set_read_timeout(Some(T)).unwrap();
+        // Small exchanges first: both directions turn into a conversation.
+        for round in 0..20u8 {
+            let msg = [round; 100];
+            client.write_all(&msg).unwrap();
+            let mut back = [0u8; 100];
+            client.read_exact(&mut back).unwrap();
+            assert_eq!(back, msg, "{mode}: round {round}");
+        }
+        // Then the backend pushes while the client does not read, until the
+        // backend is done (or blocked for a while: every buffer is full).
+        client.write_all(&[0xff; 100]).unwrap();
+        let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        let mut back = vec![0u8; PUSH];
+        client
+            .read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(back == pushed, "{mode}: the pushed stream differs");
+        // And the conversation goes on.
+        client.write_all(&[1; 100]).unwrap();
+        let mut last = [0u8; 100];
+        client.read_exact(&mut last).unwrap();
+        assert_eq!(last, [1; 100], "{mode}: after the push");
+        drop(client);
+        eventually(T, &format!("{mode}: sockets back to {baseline}"), || {
+            lb.socket_count() <= baseline
+        });
+    }
+}

@@ -12,6 +12,17 @@
 //!   chunk is copied instead.
 //! - `auto`: copy until a single read fills a large part of the buffer
 //!   (bulk), then splice for the rest of that direction.
+//!
+//! Keep-alive conversations (copy and auto): after a few waits in a row
+//! that each followed a small exchange, a direction arms one multishot
+//! receive into the worker's provided-buffer ring (`converse`): the kernel
+//! receives each message as it arrives and the worker only writes it on,
+//! with no poll completion and no `recv` call per message. It goes back to
+//! reading by itself when a message fills a whole buffer (maybe bulk), when
+//! the destination is full (so the ring never holds more than what was in
+//! flight), or when the ring runs dry; every byte received is written
+//! first. Without a ring (older kernels) the direction waits with one
+//! multishot poll instead.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -19,7 +30,9 @@ use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::rc::Rc;
 
+use sluice_uring::bufring::{BufRing, Recv, RecvStream};
 use sluice_uring::{op, socket};
 
 use crate::conns::TcpConns;
@@ -337,6 +350,23 @@ async fn pump(
                     }
                 }
                 if polls.is_none() && small_waits >= MULTISHOT_AFTER_SMALL_WAITS {
+                    if let Some(ring) = worker.recv_ring() {
+                        // A conversation: the kernel receives each message
+                        // as it comes (no poll and recv per message) until
+                        // the direction turns bulk, its destination fills
+                        // up, the ring runs dry or the source ends.
+                        armed.set(true);
+                        let conversed =
+                            converse(worker, &ring, src, dst, activity, count, &on_bytes).await?;
+                        match conversed {
+                            Conversed::Eof => return end_of_stream(dst, eof, other_eof),
+                            Conversed::Stopped => {
+                                // Read on: the socket may hold bytes.
+                                small_waits = 0;
+                                continue;
+                            }
+                        }
+                    }
                     polls = Some(op::PollStream::new(src.as_raw_fd(), op::READABLE));
                     armed.set(true);
                 }
@@ -366,20 +396,7 @@ async fn pump(
                     .await
                     .map_err(PumpError::Read)?;
             }
-            Round::Eof => {
-                eof.set(true);
-                if other_eof.get() {
-                    // Both directions are done: the connection closes both
-                    // sockets next, and `close` sends this FIN.
-                    return Ok(());
-                }
-                match dst.shutdown(Shutdown::Write) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(e) => return Err(PumpError::Write(e)),
-                }
-                return Ok(());
-            }
+            Round::Eof => return end_of_stream(dst, eof, other_eof),
             Round::Bulk => {
                 splicing = true;
                 small_waits = 0;
@@ -387,6 +404,103 @@ async fn pump(
                     stream.cancel();
                 }
             }
+        }
+    }
+}
+
+/// The source of a direction reached end-of-stream: pass the FIN on.
+fn end_of_stream(
+    dst: &TcpStream,
+    eof: &Cell<bool>,
+    other_eof: &Cell<bool>,
+) -> Result<(), PumpError> {
+    eof.set(true);
+    if other_eof.get() {
+        // Both directions are done: the connection closes both sockets
+        // next, and `close` sends this FIN.
+        return Ok(());
+    }
+    match dst.shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(PumpError::Write(e)),
+    }
+}
+
+/// How a conversation (multishot receive) ended.
+enum Conversed {
+    /// The source reached end-of-stream.
+    Eof,
+    /// The receive stopped (bulk, a full destination, no free buffer, the
+    /// kernel's choice): the direction reads by itself again.
+    Stopped,
+}
+
+/// Move `src` -> `dst` with one multishot receive into the worker's buffer
+/// ring, until it stops. Every byte received is written before this
+/// returns: when the receive is cancelled, the completions still on their
+/// way are written out too.
+async fn converse(
+    worker: &Worker,
+    ring: &Rc<BufRing>,
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: Activity<'_>,
+    count: &Cell<u64>,
+    on_bytes: &impl Fn(u64),
+) -> Result<Conversed, PumpError> {
+    let mut stream = RecvStream::new(src.as_raw_fd(), ring);
+    let mut stopping = false;
+    loop {
+        match stream.next().await {
+            Recv::Data(buf, more) => {
+                let n = buf.len();
+                let sent = match socket::send(dst.as_raw_fd(), &buf) {
+                    Ok(k) => k,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        0
+                    }
+                    Err(e) => return Err(PumpError::Write(e)),
+                };
+                if sent < n {
+                    // The destination is full: stop receiving, so that no
+                    // more than what is on its way piles up in the ring.
+                    if !stopping {
+                        stream.request_cancel();
+                        stopping = true;
+                    }
+                    write_all(dst, &buf[sent..])
+                        .await
+                        .map_err(PumpError::Write)?;
+                }
+                drop(buf);
+                count.set(count.get() + n as u64);
+                on_bytes(n as u64);
+                activity.moved(n as u64);
+                if n >= ring.buf_size() && !stopping {
+                    // A full buffer: more than a conversation's message,
+                    // maybe a bulk flow. Reading (and splicing) is cheaper.
+                    stream.request_cancel();
+                    stopping = true;
+                }
+                if !more {
+                    return Ok(Conversed::Stopped);
+                }
+            }
+            Recv::Eof => return Ok(Conversed::Eof),
+            Recv::Stopped(e) => match e.raw_os_error() {
+                Some(libc::ENOBUFS) | Some(libc::ECANCELED) => return Ok(Conversed::Stopped),
+                Some(libc::EINVAL) => {
+                    worker.recv_ring_unsupported();
+                    return Ok(Conversed::Stopped);
+                }
+                _ => return Err(PumpError::Read(e)),
+            },
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use sluice_balance::PickState;
+use sluice_uring::bufring::BufRing;
 use sluice_uring::pipe::PipePool;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{watch, Notify};
@@ -155,9 +156,30 @@ pub(crate) struct Worker {
     fail_streak: RefCell<HashMap<(String, SocketAddr), u32>>,
     /// UDP services (session and dns modes) of this worker.
     pub(crate) udp: crate::udp::UdpWorker,
+    /// The provided-buffer ring of keep-alive conversations, made on first
+    /// use (see `recv_ring`).
+    recv_ring: RefCell<RecvRing>,
+}
+
+/// The state of a worker's provided-buffer ring.
+#[derive(Debug)]
+enum RecvRing {
+    Untried,
+    Ready(Rc<BufRing>),
+    /// The kernel has no provided-buffer rings or multishot receives:
+    /// conversations wait with polls instead.
+    Unavailable,
 }
 
 const MAX_IDLE_BUFS: usize = 64;
+/// Buffers in a worker's receive ring, and their size: a conversation's
+/// message fits one buffer (a direction that fills one goes back to
+/// reading, and maybe splicing, by itself). 256 x 16 KiB is 4 MiB of
+/// address space per worker, committed as buffers get used.
+const RECV_RING_ENTRIES: u16 = 256;
+const RECV_RING_BUF: usize = 16 * 1024;
+/// The buffer group id of the receive ring (the only group of the ring).
+const RECV_RING_GROUP: u16 = 0;
 
 impl Worker {
     pub fn rand(&self) -> u64 {
@@ -184,6 +206,41 @@ impl Worker {
             );
         }
         pipe
+    }
+
+    /// The worker's ring of receive buffers for multishot receives, made
+    /// the first time a conversation asks; `None` when the kernel cannot
+    /// (then conversations wait with polls).
+    pub fn recv_ring(&self) -> Option<Rc<BufRing>> {
+        let mut state = self.recv_ring.borrow_mut();
+        if let RecvRing::Untried = *state {
+            *state = match BufRing::new(RECV_RING_GROUP, RECV_RING_ENTRIES, RECV_RING_BUF) {
+                Ok(ring) => RecvRing::Ready(ring),
+                Err(e) => {
+                    log::info!(
+                        "worker {}: no provided-buffer ring ({e}); keep-alive connections wait with polls",
+                        self.cfg.index
+                    );
+                    RecvRing::Unavailable
+                }
+            };
+        }
+        match &*state {
+            RecvRing::Ready(ring) => Some(ring.clone()),
+            _ => None,
+        }
+    }
+
+    /// The kernel refused a multishot receive (`EINVAL`): stop using them.
+    pub fn recv_ring_unsupported(&self) {
+        let mut state = self.recv_ring.borrow_mut();
+        if !matches!(*state, RecvRing::Unavailable) {
+            log::info!(
+                "worker {}: multishot receives are not supported; keep-alive connections wait with polls",
+                self.cfg.index
+            );
+            *state = RecvRing::Unavailable;
+        }
     }
 
     pub fn take_buf(&self) -> Vec<u8> {
@@ -394,6 +451,7 @@ fn run(
         pipe_note: Cell::new(None),
         fail_streak: RefCell::new(HashMap::new()),
         udp: crate::udp::UdpWorker::new(),
+        recv_ring: RefCell::new(RecvRing::Untried),
     });
     sluice_uring::runtime::start(entries, async {
         let sweeper = worker.clone();
@@ -418,6 +476,9 @@ fn run(
                 woken.await;
             }
         }
+        // Unregister the receive ring while the runtime still runs (a ring
+        // still referenced by a connection is left mapped at exit).
+        *worker.recv_ring.borrow_mut() = RecvRing::Unavailable;
     });
     let _ = events.send(WorkerEvent::Exited { worker: index });
 }

@@ -3,8 +3,10 @@
 //!
 //! The dataplane works in a readiness model: it waits for a socket with an
 //! io_uring `POLL_ADD` ([`op::poll`]) and then moves bytes with inline,
-//! non-blocking syscalls (`read`/`write`, `splice` through a pooled pipe,
-//! `recvmsg`/`sendmsg`). IORING_OP_SPLICE is deliberately not used: it always
+//! non-blocking syscalls (`recv`/`send`, `splice` through a pooled pipe,
+//! `recvmmsg`/`sendmsg`). Keep-alive conversations receive with a
+//! multishot `IORING_OP_RECV` into a ring of provided buffers instead
+//! ([`bufring`]): no poll and no `recv` per message. IORING_OP_SPLICE is deliberately not used: it always
 //! runs in an io-wq kernel thread and parks one per idle connection.
 //!
 //! Rules this crate enforces for its callers:
@@ -28,6 +30,7 @@
 //! ```
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod bufring;
 pub mod op;
 pub mod pipe;
 pub mod probe;

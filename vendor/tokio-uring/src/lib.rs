@@ -164,6 +164,43 @@ pub fn uring_builder() -> io_uring::Builder {
     io_uring::IoUring::builder()
 }
 
+/// sluice patch: the current runtime's driver, or an error outside one.
+fn current_driver() -> std::io::Result<runtime::driver::Handle> {
+    runtime::CONTEXT
+        .with(|x| x.handle())
+        .ok_or_else(|| std::io::Error::other("not inside a tokio-uring runtime"))
+}
+
+/// sluice patch: register a ring of provided buffers with the current
+/// runtime's ring as buffer group `bgid` (`IORING_REGISTER_PBUF_RING`,
+/// Linux 5.19). Operations that select a buffer from the group (such as a
+/// multishot receive) report its id in their completion flags.
+///
+/// # Safety
+/// `ring_addr` must point to page-aligned memory for `entries` ring entries
+/// (a power of two) that stays valid, and is written only as the
+/// provided-buffer ring protocol allows, until the group is unregistered
+/// with [`unregister_buf_ring`] or the runtime is dropped; the same holds
+/// for every buffer published in it.
+pub unsafe fn register_buf_ring(ring_addr: u64, entries: u16, bgid: u16) -> std::io::Result<()> {
+    current_driver()?.register_buf_ring(ring_addr, entries, bgid)
+}
+
+/// sluice patch: unregister provided-buffer group `bgid` from the current
+/// runtime's ring. After it returns the kernel takes no more buffers from
+/// the group.
+pub fn unregister_buf_ring(bgid: u16) -> std::io::Result<()> {
+    current_driver()?.unregister_buf_ring(bgid)
+}
+
+/// sluice patch: ids of provided buffers the kernel filled for operations
+/// nobody waits for any more (an [`InFlightMultishot`] dropped before its
+/// final completion), emptying the list; the owner of the buffer ring
+/// publishes them again. Empty outside a runtime.
+pub fn take_orphan_buffers() -> Vec<u16> {
+    current_driver().map_or_else(|_| Vec::new(), |d| d.take_orphan_buffers())
+}
+
 /// Builder API that can create and start the `io_uring` runtime with non-default parameters,
 /// while abstracting away the underlying io_uring crate.
 // #[derive(Clone, Default)]

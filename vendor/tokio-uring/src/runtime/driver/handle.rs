@@ -82,6 +82,31 @@ impl Handle {
         self.inner.borrow_mut().poll_op(op, cx)
     }
 
+    /// sluice patch: see `Driver::register_buf_ring`.
+    ///
+    /// # Safety
+    /// As for `Driver::register_buf_ring`.
+    pub(crate) unsafe fn register_buf_ring(
+        &self,
+        ring_addr: u64,
+        entries: u16,
+        bgid: u16,
+    ) -> io::Result<()> {
+        self.inner
+            .borrow_mut()
+            .register_buf_ring(ring_addr, entries, bgid)
+    }
+
+    /// sluice patch: see `Driver::unregister_buf_ring`.
+    pub(crate) fn unregister_buf_ring(&self, bgid: u16) -> io::Result<()> {
+        self.inner.borrow_mut().unregister_buf_ring(bgid)
+    }
+
+    /// sluice patch: see `Driver::take_orphan_buffers`.
+    pub(crate) fn take_orphan_buffers(&self) -> Vec<u16> {
+        self.inner.borrow_mut().take_orphan_buffers()
+    }
+
     /// sluice patch: see `Driver::cancel_op_2`.
     pub(crate) fn cancel_op_2(&self, index: usize) {
         self.inner.borrow_mut().cancel_op_2(index)

@@ -33,6 +33,20 @@ pub(crate) struct Driver {
     /// IORING_SETUP_DEFER_TASKRUN, when task work is queued; the runtime
     /// waits on it (through tokio's reactor) instead of on the ring fd.
     eventfd: OwnedFd,
+
+    /// sluice patch: ids of provided buffers (`IORING_CQE_F_BUFFER`) that
+    /// arrived in completions of operations nobody waits for any more (a
+    /// multishot receive dropped before its final completion). The owner of
+    /// the buffer ring takes them back with `take_orphan_buffers`. Assumes
+    /// one provided-buffer group per ring.
+    orphan_bufs: Vec<u16>,
+}
+
+/// sluice patch: note the provided buffer a completion nobody takes carries.
+fn note_orphan(orphans: &mut Vec<u16>, flags: u32) {
+    if let Some(bid) = cqueue::buffer_select(flags) {
+        orphans.push(bid);
+    }
 }
 
 struct Ops {
@@ -62,6 +76,7 @@ impl Driver {
             uring,
             fixed_buffers: None,
             eventfd,
+            orphan_bufs: Vec::new(),
         })
     }
 
@@ -156,6 +171,10 @@ impl Driver {
 
             let index = cqe.user_data() as _;
 
+            // sluice patch: a provided buffer nobody will take.
+            if let Some(op::Lifecycle::Ignored(_)) = self.ops.lifecycle.get(index) {
+                note_orphan(&mut self.orphan_bufs, cqe.flags());
+            }
             self.ops.complete(index, cqe);
         }
     }
@@ -204,6 +223,35 @@ impl Driver {
         }
 
         index
+    }
+
+    /// sluice patch: register a ring of provided buffers as group `bgid`
+    /// (`IORING_REGISTER_PBUF_RING`).
+    ///
+    /// # Safety
+    /// `ring_addr` must point to page-aligned memory for `entries` ring
+    /// entries that stays valid until the group is unregistered or the
+    /// ring is dropped; so must every buffer the caller publishes in it.
+    pub(crate) unsafe fn register_buf_ring(
+        &mut self,
+        ring_addr: u64,
+        entries: u16,
+        bgid: u16,
+    ) -> io::Result<()> {
+        self.uring
+            .submitter()
+            .register_buf_ring(ring_addr, entries, bgid)
+    }
+
+    /// sluice patch: unregister provided-buffer group `bgid`.
+    pub(crate) fn unregister_buf_ring(&mut self, bgid: u16) -> io::Result<()> {
+        self.uring.submitter().unregister_buf_ring(bgid)
+    }
+
+    /// sluice patch: the provided buffers that came back in completions
+    /// nobody took (see `orphan_bufs`), emptying the list.
+    pub(crate) fn take_orphan_buffers(&mut self) -> Vec<u16> {
+        mem::take(&mut self.orphan_bufs)
     }
 
     /// sluice patch: ask the kernel to cancel the operation at `index`
@@ -293,14 +341,21 @@ impl Driver {
             Lifecycle::Submitted | Lifecycle::Waiting(_) => {
                 *lifecycle = Lifecycle::Ignored(Box::new(data));
             }
-            Lifecycle::Completed(..) => {
+            Lifecycle::Completed(cqe) => {
+                // sluice patch: a provided buffer nobody will take.
+                note_orphan(&mut self.orphan_bufs, cqe.flags());
                 self.ops.remove(index);
             }
             Lifecycle::CompletionList(indices) => {
                 // Deallocate list entries, recording if more CQE's are expected
                 let more = {
                     let mut list = indices.into_list(completions);
-                    cqueue::more(list.peek_end().unwrap().flags)
+                    let more = cqueue::more(list.peek_end().unwrap().flags);
+                    // sluice patch: provided buffers nobody will take.
+                    while let Some(cqe) = list.pop() {
+                        note_orphan(&mut self.orphan_bufs, cqe.flags);
+                    }
+                    more
                     // Dropping list deallocates the list entries
                 };
                 if more {

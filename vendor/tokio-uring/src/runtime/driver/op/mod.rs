@@ -143,6 +143,14 @@ impl InFlightMultishot {
     /// The next completion, oldest first: its result and whether more will
     /// follow. `None` once the final one was taken.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(io::Result<u32>, bool)>> {
+        self.poll_next_flags(cx)
+            .map(|next| next.map(|(result, flags)| (result, cqueue::more(flags))))
+    }
+
+    /// Like [`InFlightMultishot::poll_next`], with the completion's flags
+    /// (`IORING_CQE_F_MORE`, `IORING_CQE_F_BUFFER` and the buffer id above
+    /// `IORING_CQE_BUFFER_SHIFT`, ...).
+    pub fn poll_next_flags(&mut self, cx: &mut Context<'_>) -> Poll<Option<(io::Result<u32>, u32)>> {
         if self.done {
             return Poll::Ready(None);
         }
@@ -151,9 +159,20 @@ impl InFlightMultishot {
             .upgrade()
             .expect("Failed to poll op: driver no longer exists");
         let cqe = ready!(driver.poll_multishot_next(self.index, cx));
-        let more = cqueue::more(cqe.flags);
-        self.done = !more;
-        Poll::Ready(Some((cqe.result, more)))
+        self.done = !cqueue::more(cqe.flags);
+        Poll::Ready(Some((cqe.result, cqe.flags)))
+    }
+
+    /// Ask the kernel to cancel it, and keep taking its completions: those
+    /// already on their way still arrive, then the final one (usually
+    /// `ECANCELED`). For operations whose completions carry something that
+    /// must not be lost, such as received bytes in a provided buffer.
+    pub fn request_cancel(&mut self) {
+        if !self.done {
+            if let Some(driver) = self.driver.upgrade() {
+                driver.cancel_op_2(self.index);
+            }
+        }
     }
 
     /// Ask the kernel to cancel it and let it go: its last completion is
