@@ -356,8 +356,13 @@ async fn pump(
                         // the direction turns bulk, its destination fills
                         // up, the ring runs dry or the source ends.
                         armed.set(true);
-                        let conversed =
-                            converse(worker, &ring, src, dst, activity, count, &on_bytes).await?;
+                        // Boxed: its state would otherwise make every
+                        // connection's task larger, conversing or not (an
+                        // idle connection cost 0.13 KB more in idle_mem).
+                        let conversed = Box::pin(converse(
+                            worker, &ring, src, dst, activity, count, &on_bytes,
+                        ))
+                        .await?;
                         match conversed {
                             Conversed::Eof => return end_of_stream(dst, eof, other_eof),
                             Conversed::Stopped => {
