@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::Duration;
 
 use sluice_uring::bufring::{BufRing, Recv, RecvBuf, RecvStream};
@@ -19,6 +20,16 @@ async fn accepted_pair() -> (TcpStream, TcpStream) {
     op::poll(listener.as_raw_fd(), op::READABLE).await.unwrap();
     let (stream, _) = socket::accept(&listener).unwrap();
     (peer, stream)
+}
+
+/// A ring of `entries` buffers of `size` bytes, a loopback connection
+/// (peer end, accepted end) and a multishot receive armed on the accepted
+/// end. Must run inside the runtime.
+async fn receiving(entries: u16, size: usize) -> (Rc<BufRing>, TcpStream, TcpStream, RecvStream) {
+    let ring = BufRing::new(0, entries, size).unwrap();
+    let (peer, stream) = accepted_pair().await;
+    let recv = RecvStream::new(stream.as_raw_fd(), &ring);
+    (ring, peer, stream, recv)
 }
 
 /// Wait (at most 5 s) until the armed receive has taken what was sent: the
@@ -60,9 +71,7 @@ fn data(r: Recv) -> (RecvBuf, bool) {
 #[test]
 fn messages_arrive_in_order_and_buffers_are_reused() {
     runtime::start(64, async {
-        let ring = BufRing::new(0, 4, 1024).unwrap();
-        let (mut peer, stream) = accepted_pair().await;
-        let mut recv = RecvStream::new(stream.as_raw_fd(), &ring);
+        let (_ring, mut peer, stream, mut recv) = receiving(4, 1024).await;
         for i in 0..40u32 {
             let msg = format!("message {i:03}");
             peer.write_all(msg.as_bytes()).unwrap();
@@ -83,9 +92,7 @@ fn messages_arrive_in_order_and_buffers_are_reused() {
 #[test]
 fn a_dry_ring_stops_the_receive_and_leaves_the_bytes_in_the_socket() {
     runtime::start(64, async {
-        let ring = BufRing::new(0, 2, 64).unwrap();
-        let (mut peer, stream) = accepted_pair().await;
-        let mut recv = RecvStream::new(stream.as_raw_fd(), &ring);
+        let (ring, mut peer, stream, mut recv) = receiving(2, 64).await;
         let mut held = Vec::new();
         for msg in [&b"first"[..], b"second"] {
             peer.write_all(msg).unwrap();
@@ -119,9 +126,7 @@ fn a_dry_ring_stops_the_receive_and_leaves_the_bytes_in_the_socket() {
 #[test]
 fn cancel_delivers_what_was_received_then_stops() {
     runtime::start(64, async {
-        let ring = BufRing::new(0, 8, 256).unwrap();
-        let (mut peer, stream) = accepted_pair().await;
-        let mut recv = RecvStream::new(stream.as_raw_fd(), &ring);
+        let (_ring, mut peer, stream, mut recv) = receiving(8, 256).await;
         peer.write_all(b"before").unwrap();
         // The kernel has received it; cancel before taking the completion.
         until_received(&stream).await;
@@ -157,9 +162,7 @@ fn cancel_delivers_what_was_received_then_stops() {
 #[test]
 fn buffers_of_a_dropped_receive_are_reclaimed() {
     runtime::start(64, async {
-        let ring = BufRing::new(0, 1, 128).unwrap();
-        let (mut peer, stream) = accepted_pair().await;
-        let recv = RecvStream::new(stream.as_raw_fd(), &ring);
+        let (ring, mut peer, stream, recv) = receiving(1, 128).await;
         peer.write_all(b"orphan").unwrap();
         // Wait until the kernel has received it (the socket is drained)
         // without taking the completion.
