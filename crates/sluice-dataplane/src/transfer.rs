@@ -53,11 +53,12 @@ const SMALL_READ: usize = 16 * 1024;
 /// Bytes a direction moves before it yields to other tasks.
 const YIELD_EVERY: u64 = 4 << 20;
 /// After this many waits in a row that each followed a small exchange
-/// (under `SMALL_READ` moved since the previous wait), a direction waits
-/// with one multishot poll instead of a poll per wait: a keep-alive
-/// conversation. A short connection (connect, request, response, close)
-/// waits less often than this, so it never needs a cancel at close. A bulk
-/// flow does not use it: a multishot poll reports every segment that
+/// (under `SMALL_READ` moved since the previous wait), a direction is a
+/// keep-alive conversation: it receives with one multishot receive
+/// (`converse`), or without a buffer ring waits with one multishot poll,
+/// instead of a poll per wait. A short connection (connect, request,
+/// response, close) waits less often than this, so it never needs a cancel
+/// at close. A bulk flow does not use them: they report every segment that
 /// arrives, also while the flow is busy moving the previous ones, where a
 /// one-shot poll costs nothing until the flow waits.
 const MULTISHOT_AFTER_SMALL_WAITS: u32 = 3;
@@ -105,8 +106,9 @@ pub(crate) struct Stats {
     pub end: End,
     pub to_backend: u64,
     pub to_client: u64,
-    /// A multishot poll was armed on the client (backend) socket: it is
-    /// still in the kernel and must be cancelled before the close.
+    /// A multishot poll or receive was armed on the client (backend)
+    /// socket: it may still be in the kernel and must be cancelled before
+    /// the close.
     pub client_armed: bool,
     pub backend_armed: bool,
 }
@@ -128,12 +130,23 @@ impl std::fmt::Debug for PumpError {
 }
 
 /// Write all of `data` to a non-blocking socket.
-pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all(dst: &TcpStream, data: &[u8]) -> io::Result<()> {
+    write_all_or_wait(dst, data, || {}).await
+}
+
+/// Write all of `data` to a non-blocking socket; `before_wait` runs each
+/// time the socket has no room, before waiting for it.
+async fn write_all_or_wait(
+    dst: &TcpStream,
+    mut data: &[u8],
+    mut before_wait: impl FnMut(),
+) -> io::Result<()> {
     while !data.is_empty() {
         match socket::send(dst.as_raw_fd(), data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                before_wait();
                 op::poll(dst.as_raw_fd(), op::WRITABLE).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -273,7 +286,7 @@ struct Dir<'a> {
     eof: &'a Cell<bool>,
     /// The other direction's `eof`.
     other_eof: &'a Cell<bool>,
-    /// Set when a multishot poll is armed on `src`.
+    /// Set when a multishot poll or receive is armed on `src`.
     armed: &'a Cell<bool>,
 }
 
@@ -455,43 +468,24 @@ async fn converse(
     on_bytes: &impl Fn(u64),
 ) -> Result<Conversed, PumpError> {
     let mut stream = RecvStream::new(src.as_raw_fd(), ring);
-    let mut stopping = false;
     loop {
         match stream.next().await {
             Recv::Data(buf, more) => {
                 let n = buf.len();
-                let sent = match socket::send(dst.as_raw_fd(), &buf) {
-                    Ok(k) => k,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        0
-                    }
-                    Err(e) => return Err(PumpError::Write(e)),
-                };
-                if sent < n {
-                    // The destination is full: stop receiving, so that no
-                    // more than what is on its way piles up in the ring.
-                    if !stopping {
-                        stream.request_cancel();
-                        stopping = true;
-                    }
-                    write_all(dst, &buf[sent..])
-                        .await
-                        .map_err(PumpError::Write)?;
-                }
+                // When the destination is full, stop receiving before
+                // waiting, so that no more than what is on its way piles up
+                // in the ring.
+                write_all_or_wait(dst, &buf, || stream.request_cancel())
+                    .await
+                    .map_err(PumpError::Write)?;
                 drop(buf);
                 count.set(count.get() + n as u64);
                 on_bytes(n as u64);
                 activity.moved(n as u64);
-                if n >= ring.buf_size() && !stopping {
+                if n >= ring.buf_size() {
                     // A full buffer: more than a conversation's message,
                     // maybe a bulk flow. Reading (and splicing) is cheaper.
                     stream.request_cancel();
-                    stopping = true;
                 }
                 if !more {
                     return Ok(Conversed::Stopped);

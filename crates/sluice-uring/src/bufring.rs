@@ -60,8 +60,8 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
-    /// Unmap it.
-    fn unmap(self) {
+    /// Unmap it (its owner does not touch it afterwards).
+    fn unmap(&self) {
         // SAFETY: `ptr`/`len` are exactly one mapping made in `new`, and
         // the caller (BufRing::drop) has made sure the kernel no longer
         // uses it.
@@ -218,22 +218,8 @@ impl Drop for BufRing {
     fn drop(&mut self) {
         match tokio_uring::unregister_buf_ring(self.bgid) {
             Ok(()) => {
-                let ring = std::mem::replace(
-                    &mut self.ring,
-                    Mapping {
-                        ptr: NonNull::dangling(),
-                        len: 0,
-                    },
-                );
-                let bufs = std::mem::replace(
-                    &mut self.bufs,
-                    Mapping {
-                        ptr: NonNull::dangling(),
-                        len: 0,
-                    },
-                );
-                ring.unmap();
-                bufs.unmap();
+                self.ring.unmap();
+                self.bufs.unmap();
             }
             Err(e) => {
                 // The kernel may still write into the buffers (a receive
@@ -296,6 +282,8 @@ pub enum Recv {
 pub struct RecvStream {
     op: tokio_uring::InFlightMultishot,
     ring: Rc<BufRing>,
+    /// A cancel was asked for (one is enough).
+    cancelling: bool,
 }
 
 impl fmt::Debug for RecvStream {
@@ -316,6 +304,7 @@ impl RecvStream {
         RecvStream {
             op: tokio_uring::InFlightMultishot::submit(sqe),
             ring: Rc::clone(ring),
+            cancelling: false,
         }
     }
 
@@ -354,8 +343,12 @@ impl RecvStream {
     /// Ask the kernel to stop the receive. Completions already on their way
     /// (with bytes that left the socket) still come from
     /// [`RecvStream::next`], then a final `Stopped(ECANCELED)`, or `Eof`.
+    /// Asking again does nothing.
     pub fn request_cancel(&mut self) {
-        self.op.request_cancel();
+        if !self.cancelling {
+            self.cancelling = true;
+            self.op.request_cancel();
+        }
     }
 
     /// Whether the final completion was taken (nothing is left in flight).
