@@ -338,6 +338,82 @@ fn dns_ids_are_rewritten_restored_and_extra_replies_are_orphans() {
 }
 
 #[test]
+fn dns_bursts_from_many_clients_each_get_their_own_answers() {
+    // Replies carry the backend's tag after the query's bytes.
+    let tagged = |tag: u8| {
+        Backend::start(move |q| {
+            let mut r = as_response(q);
+            r.push(tag);
+            vec![r]
+        })
+    };
+    let backends = [tagged(b'A'), tagged(b'B')];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let lb = Lb::start("{ mode: dns }", "", &addrs, LOCAL);
+    let clients: Vec<UdpSocket> = (0..16).map(|_| client()).collect();
+    request(&clients[0], lb.listen, &query(7, b"warmup"));
+    let base = lb.metrics().dns_answered.get();
+    // Every client sends its 8 queries before anyone reads: the worker
+    // takes them (and their answers) many to a batch, and sends each batch
+    // with one call per socket.
+    const PER_CLIENT: u16 = 8;
+    for (c, sock) in clients.iter().enumerate() {
+        for k in 0..PER_CLIENT {
+            let id = c as u16 * 100 + k;
+            sock.send_to(&query(id, &[c as u8, k as u8]), lb.listen)
+                .unwrap();
+        }
+    }
+    let mut per_backend = [0usize; 2];
+    for (c, sock) in clients.iter().enumerate() {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while got.len() < PER_CLIENT as usize {
+            let (n, from) = sock.recv_from(&mut buf).expect("an answer to each query");
+            assert_eq!(from, lb.listen);
+            let (reply, tag) = buf[..n].split_at(n - 1);
+            let id = u16::from_be_bytes([reply[0], reply[1]]);
+            let k = id.wrapping_sub(c as u16 * 100);
+            assert!(k < PER_CLIENT, "client {c} got an answer for ID {id}");
+            assert_eq!(reply, &as_response(&query(id, &[c as u8, k as u8]))[..]);
+            per_backend[(tag[0] - b'A') as usize] += 1;
+            got.push(k);
+        }
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), PER_CLIENT as usize, "client {c}: {got:?}");
+    }
+    // Balanced by client (this service's default algorithm hashes the
+    // flow): both backends get some of the 16 clients.
+    assert!(
+        per_backend[0] > 0 && per_backend[1] > 0 && per_backend[0] + per_backend[1] == 128,
+        "answers per backend: {per_backend:?}"
+    );
+    eventually("every answer counted", || {
+        lb.metrics().dns_answered.get() == base + 128
+    });
+    let m = lb.metrics();
+    assert_eq!(m.udp_to_backend.get(), 129);
+    assert_eq!(m.udp_to_client.get(), 129);
+    assert_eq!(m.udp_dropped.get(), 0);
+    let sent: u64 = lb
+        .routes
+        .backends
+        .iter()
+        .map(|b| b.metrics.connections.get())
+        .sum();
+    assert_eq!(sent, 129);
+    for b in &lb.routes.backends {
+        // Each answer is one tag byte longer than its query.
+        let m = &b.metrics;
+        assert_eq!(
+            m.bytes_to_client.get(),
+            m.bytes_to_backend.get() + m.connections.get()
+        );
+    }
+}
+
+#[test]
 fn unanswered_dns_queries_time_out_and_late_replies_are_orphans() {
     let late: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
     let kept = late.clone();

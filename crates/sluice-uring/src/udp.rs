@@ -1,8 +1,9 @@
 //! UDP datagrams without per-datagram allocation: batched `recvmmsg(2)`
 //! that also returns the local destination address of each datagram
-//! (IP_PKTINFO / IPV6_PKTINFO), and `sendmsg(2)` that sets the source
-//! address of a reply, so replies leave from the address the client sent
-//! to even on a wildcard socket.
+//! (IP_PKTINFO / IPV6_PKTINFO), batched `sendmmsg(2)` of received
+//! datagrams ([`RecvBatch::send_slots`]), and `sendmsg(2)` of one datagram
+//! ([`send_to`]); both set the source address of a reply, so replies leave
+//! from the address the client sent to even on a wildcard socket.
 //!
 //! Everything here is a plain non-blocking syscall (the readiness model:
 //! wait with [`crate::op::poll`], then call these until `WouldBlock`).
@@ -89,6 +90,28 @@ pub struct RecvBatch {
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
     filled: usize,
+    /// Headers of [`RecvBatch::send_slots`], apart from the receive ones so
+    /// that sending leaves the received metadata intact.
+    out: SendHeaders,
+}
+
+/// `sendmmsg(2)` headers with their addresses and control buffers.
+struct SendHeaders {
+    names: Box<[libc::sockaddr_storage]>,
+    ctrls: Box<[CmsgSpace]>,
+    iovs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+}
+
+/// One datagram to send from a [`RecvBatch`]: the payload of `slot` (as
+/// received, or rewritten through [`RecvBatch::data_mut`]), to `dst`
+/// (`None` on a connected socket), leaving from `src` when given (see
+/// [`send_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendSlot {
+    pub slot: usize,
+    pub dst: Option<SocketAddr>,
+    pub src: Option<PktInfo>,
 }
 
 impl fmt::Debug for RecvBatch {
@@ -122,6 +145,12 @@ impl RecvBatch {
             iovs: vec![zero_iov; capacity].into_boxed_slice(),
             hdrs: vec![zero_hdr; capacity].into_boxed_slice(),
             filled: 0,
+            out: SendHeaders {
+                names: vec![zero_name; capacity].into_boxed_slice(),
+                ctrls: vec![CmsgSpace::zeroed(); capacity].into_boxed_slice(),
+                iovs: vec![zero_iov; capacity].into_boxed_slice(),
+                hdrs: vec![zero_hdr; capacity].into_boxed_slice(),
+            },
         }
     }
 
@@ -221,6 +250,69 @@ impl RecvBatch {
         let start = i * self.slot_size;
         let len = self.payload_len(i);
         &mut self.bufs[start..start + len]
+    }
+
+    /// Send datagrams of the last batch on the non-blocking UDP socket `fd`
+    /// with one `sendmmsg(2)`, in the order of `out` (at most `capacity` of
+    /// them; each `slot < len()`), without waiting. Returns how many were
+    /// sent, from the first: when that is fewer than `out.len()`, the next
+    /// one failed, and calling again with the rest reports why. An error
+    /// means the first one failed (`WouldBlock` when the send buffer is
+    /// full; a connected socket's pending error, such as
+    /// `ConnectionRefused`, is reported and cleared as by `send(2)`).
+    /// No heap allocation.
+    pub fn send_slots(&mut self, fd: RawFd, out: &[SendSlot]) -> io::Result<usize> {
+        assert!(
+            out.len() <= self.hdrs.len(),
+            "{} datagrams to send from a batch of {} slots",
+            out.len(),
+            self.hdrs.len()
+        );
+        if out.is_empty() {
+            return Ok(0);
+        }
+        let base = self.bufs.as_ptr();
+        for (j, o) in out.iter().enumerate() {
+            self.check(o.slot);
+            // SAFETY: `o.slot < filled <= capacity`, so the slot starts
+            // within `bufs` and `payload_len` bytes of it are in bounds.
+            let start = unsafe { base.add(o.slot * self.slot_size) };
+            self.out.iovs[j] = libc::iovec {
+                iov_base: start as *mut libc::c_void,
+                iov_len: self.payload_len(o.slot),
+            };
+            let hdr = &mut self.out.hdrs[j];
+            hdr.msg_len = 0;
+            let m = &mut hdr.msg_hdr;
+            m.msg_iov = &mut self.out.iovs[j];
+            m.msg_iovlen = 1;
+            m.msg_flags = 0;
+            address(
+                m,
+                &mut self.out.names[j],
+                &mut self.out.ctrls[j],
+                o.dst,
+                o.src,
+            );
+        }
+        // SAFETY: the first `out.len()` headers point to live iovecs over
+        // bytes of `bufs` (only read by the kernel), and to addresses and
+        // control buffers in `self.out` with their correct lengths, all
+        // owned by `self` and not otherwise borrowed during the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_sendmmsg,
+                fd,
+                self.out.hdrs.as_mut_ptr(),
+                out.len() as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     /// Length, source, local destination and truncation of datagram `i`.
@@ -374,12 +466,46 @@ pub fn send_to(
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    if let Some(dst) = &dst {
-        msg.msg_namelen = std_to_sockaddr(dst, &mut name);
-        msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
-    }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
+    address(&mut msg, &mut name, &mut ctrl, dst, src);
+    // SAFETY: `msg` points to the live `name`, `iov` (over `data`, which
+    // the kernel only reads) and `ctrl` on this stack frame, with their
+    // correct lengths.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendmsg,
+            fd,
+            &msg as *const libc::msghdr,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Point `msg` at its destination `dst` (written into `name`; none on a
+/// connected socket) and at a PKTINFO control message in `ctrl` that makes
+/// it leave from `src` (see [`send_to`]). Only the iovec of `msg` is left
+/// as it was.
+fn address(
+    msg: &mut libc::msghdr,
+    name: &mut libc::sockaddr_storage,
+    ctrl: &mut CmsgSpace,
+    dst: Option<SocketAddr>,
+    src: Option<PktInfo>,
+) {
+    msg.msg_name = std::ptr::null_mut();
+    msg.msg_namelen = 0;
+    msg.msg_control = std::ptr::null_mut();
+    msg.msg_controllen = 0;
+    if let Some(dst) = &dst {
+        msg.msg_namelen = std_to_sockaddr(dst, name);
+        msg.msg_name = (name as *mut libc::sockaddr_storage).cast();
+    }
     let src = src.filter(|s| usable_source(s.addr));
     match (src, dst) {
         (
@@ -397,17 +523,10 @@ pub fn send_to(
                 ipi_addr: libc::in_addr { s_addr: 0 },
             };
             // SAFETY: `ctrl` is a cmsghdr-aligned buffer larger than
-            // CMSG_SPACE(in_pktinfo); `msg` points at it with that length, so
-            // CMSG_FIRSTHDR returns a header inside it with room for the data.
-            unsafe {
-                put_cmsg(
-                    &mut msg,
-                    &mut ctrl,
-                    libc::IPPROTO_IP,
-                    libc::IP_PKTINFO,
-                    info,
-                )
-            };
+            // CMSG_SPACE(in_pktinfo); `put_cmsg` points `msg` at it with that
+            // length, so CMSG_FIRSTHDR returns a header inside it with room
+            // for the data.
+            unsafe { put_cmsg(msg, ctrl, libc::IPPROTO_IP, libc::IP_PKTINFO, info) };
         }
         (
             Some(PktInfo {
@@ -424,33 +543,9 @@ pub fn send_to(
                 ipi6_ifindex: if link_local { ifindex } else { 0 },
             };
             // SAFETY: as above, for `in6_pktinfo`.
-            unsafe {
-                put_cmsg(
-                    &mut msg,
-                    &mut ctrl,
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_PKTINFO,
-                    info,
-                )
-            };
+            unsafe { put_cmsg(msg, ctrl, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info) };
         }
         _ => {}
-    }
-    // SAFETY: `msg` points to the live `name`, `iov` (over `data`, which
-    // the kernel only reads) and `ctrl` on this stack frame, with their
-    // correct lengths.
-    let n = unsafe {
-        libc::syscall(
-            libc::SYS_sendmsg,
-            fd,
-            &msg as *const libc::msghdr,
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
@@ -667,6 +762,91 @@ mod tests {
         let mut buf = [0u8; 8];
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"back"[..], to));
+    }
+
+    #[test]
+    fn a_batch_is_sent_back_in_one_call_and_a_failure_stops_it_where_it_is() {
+        let server = crate::socket::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let clients: Vec<UdpSocket> = (0..2)
+            .map(|_| {
+                let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                c
+            })
+            .collect();
+        clients[0].send_to(b"a1", addr).unwrap();
+        clients[1].send_to(b"b1", addr).unwrap();
+        clients[0].send_to(b"a2", addr).unwrap();
+        let mut batch = RecvBatch::new(8, 64);
+        // A loopback send has queued its datagram when it returns.
+        assert_eq!(wait_recv(&mut batch, server.as_raw_fd()), 3);
+        batch.data_mut(1)[1] = b'X';
+        let from: Vec<_> = (0..3).map(|i| batch.meta(i).src).collect();
+        let back = |i: usize| SendSlot {
+            slot: i,
+            dst: from[i],
+            src: None,
+        };
+        let out = [back(2), back(1), back(0)];
+        assert_eq!(batch.send_slots(server.as_raw_fd(), &out).unwrap(), 3);
+        let mut buf = [0u8; 8];
+        let mut got = |c: &UdpSocket| {
+            let (n, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(from, addr);
+            buf[..n].to_vec()
+        };
+        assert_eq!(got(&clients[0]), b"a2", "sent in the order given");
+        assert_eq!(got(&clients[0]), b"a1");
+        assert_eq!(got(&clients[1]), b"bX", "the payload as rewritten");
+
+        // An IPv6 destination on an IPv4 socket fails: the call stops there.
+        let v6 = SendSlot {
+            slot: 0,
+            dst: Some("[::1]:9".parse().unwrap()),
+            src: None,
+        };
+        let out = [back(0), v6, back(2)];
+        assert_eq!(batch.send_slots(server.as_raw_fd(), &out).unwrap(), 1);
+        assert!(batch.send_slots(server.as_raw_fd(), &out[1..]).is_err());
+        assert_eq!(batch.send_slots(server.as_raw_fd(), &out[2..]).unwrap(), 1);
+        assert_eq!(got(&clients[0]), b"a1");
+        assert_eq!(got(&clients[0]), b"a2");
+        assert_eq!(batch.send_slots(server.as_raw_fd(), &[]).unwrap(), 0);
+    }
+
+    #[test]
+    fn wildcard_batch_replies_leave_from_each_address_queried() {
+        let server = crate::socket::udp_socket("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = server.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let to: Vec<SocketAddr> = ["127.0.0.2", "127.0.0.3"]
+            .iter()
+            .map(|ip| format!("{ip}:{port}").parse().unwrap())
+            .collect();
+        client.send_to(b"2", to[0]).unwrap();
+        client.send_to(b"3", to[1]).unwrap();
+        let mut batch = RecvBatch::new(4, 64);
+        assert_eq!(wait_recv(&mut batch, server.as_raw_fd()), 2);
+        let out: Vec<SendSlot> = (0..2)
+            .map(|i| SendSlot {
+                slot: i,
+                dst: batch.meta(i).src,
+                src: batch.meta(i).dst,
+            })
+            .collect();
+        assert_eq!(batch.send_slots(server.as_raw_fd(), &out).unwrap(), 2);
+        let mut buf = [0u8; 4];
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let (n, from) = client.recv_from(&mut buf).unwrap();
+            seen.push((buf[..n].to_vec(), from));
+        }
+        assert!(seen.contains(&(b"2".to_vec(), to[0])), "{seen:?}");
+        assert!(seen.contains(&(b"3".to_vec(), to[1])), "{seen:?}");
     }
 
     #[test]

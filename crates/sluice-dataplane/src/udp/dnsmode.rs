@@ -17,7 +17,7 @@
 use std::cell::Cell;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,11 +25,11 @@ use std::time::Duration;
 use slab::Slab;
 use sluice_balance::{Algorithm, FlowKey, PickCtx};
 use sluice_uring::op;
-use sluice_uring::udp::{PktInfo, RecvBatch};
+use sluice_uring::udp::{PktInfo, RecvBatch, SendSlot};
 use tokio::sync::Notify;
 
 use super::dns::{is_response, set_message_id, QueryTable, Reply, HEADER_LEN, ID_SPACE};
-use super::{send_upstream, udp_settings, wait_readable, Listener, UdpService, ROUNDS_PER_WAKE};
+use super::{send_slots, udp_settings, wait_readable, Listener, UdpService, ROUNDS_PER_WAKE};
 use crate::routes::{BackendRoute, ServiceRoutes};
 use crate::worker::{now_nanos, ServiceSlot, Worker};
 
@@ -86,6 +86,29 @@ pub(crate) struct DnsState {
     /// Pool of each backend index of the routes with snapshot `by_id_of`.
     by_id: Vec<u32>,
     by_id_of: u64,
+    /// Queries of the batch being handled, to send once it is read (reused).
+    forwards: Vec<Forward>,
+    /// Replies of the batch being handled, to send once it is read (reused).
+    replies: Vec<ToClient>,
+}
+
+/// A query of the current batch, accepted and waiting to be sent.
+#[derive(Debug, Clone, Copy)]
+struct Forward {
+    fd: RawFd,
+    slot: usize,
+    id: u16,
+    pool: usize,
+    backend: usize,
+    active: bool,
+}
+
+/// A reply of the current batch, waiting to be sent to its client.
+#[derive(Debug, Clone, Copy)]
+struct ToClient {
+    listener: u32,
+    listener_uid: u32,
+    out: SendSlot,
 }
 
 impl std::fmt::Debug for DnsState {
@@ -112,6 +135,8 @@ impl DnsState {
             pools: Slab::new(),
             by_id: Vec::new(),
             by_id_of: u64::MAX,
+            forwards: Vec::new(),
+            replies: Vec::new(),
         }
     }
 
@@ -327,7 +352,12 @@ pub(super) fn from_clients(
             metrics.udp_dropped.inc(core);
             continue;
         };
-        let DnsState { table, pools, .. } = &mut *dns;
+        let DnsState {
+            table,
+            pools,
+            forwards,
+            ..
+        } = &mut *dns;
         let pool = &mut pools[pool_key];
         let sock = pool.next;
         pool.next = (sock + 1) % pool.sockets.len();
@@ -348,22 +378,62 @@ pub(super) fn from_clients(
             continue;
         };
         set_message_id(data, new_id);
-        match send_upstream(pool.sockets[sock].socket.as_raw_fd(), data) {
-            Ok(_) => {
-                pool.outstanding += 1;
-                if active {
+        forwards.push(Forward {
+            fd: pool.sockets[sock].socket.as_raw_fd(),
+            slot: i,
+            id: new_id,
+            pool: pool_key,
+            backend: id as usize,
+            active,
+        });
+    }
+    forward(dns, &mut worker.udp.slots.borrow_mut(), routes, batch, core);
+}
+
+/// Send the queries of the batch, one `sendmmsg` per upstream socket; a
+/// query that cannot be sent gives its ID back.
+fn forward(
+    dns: &mut DnsState,
+    slots: &mut Vec<SendSlot>,
+    routes: &ServiceRoutes,
+    batch: &mut RecvBatch,
+    core: usize,
+) {
+    let metrics = &routes.metrics;
+    let DnsState {
+        table,
+        pools,
+        forwards,
+        ..
+    } = dns;
+    // Stable within a socket: sorted by slot, which is arrival order.
+    forwards.sort_unstable_by_key(|f| (f.fd, f.slot));
+    for run in forwards.chunk_by(|a, b| a.fd == b.fd) {
+        slots.clear();
+        slots.extend(run.iter().map(|f| SendSlot {
+            slot: f.slot,
+            dst: None,
+            src: None,
+        }));
+        send_slots(run[0].fd, batch, slots, |k, sent| {
+            let f = &run[k];
+            let Some(len) = sent else {
+                let _ = table.answer(f.id, |_| true);
+                metrics.udp_dropped.inc(core);
+                return;
+            };
+            pools[f.pool].outstanding += 1;
+            metrics.udp_to_backend.inc(core);
+            if let Some(route) = routes.backends.get(f.backend) {
+                if f.active {
                     route.load.active.fetch_add(1, Ordering::Relaxed);
                 }
-                metrics.udp_to_backend.inc(core);
                 route.metrics.connections.inc(core);
-                route.metrics.bytes_to_backend.add(core, data.len() as u64);
+                route.metrics.bytes_to_backend.add(core, len as u64);
             }
-            Err(_) => {
-                let _ = table.answer(new_id, |_| true);
-                metrics.udp_dropped.inc(core);
-            }
-        }
+        });
     }
+    forwards.clear();
 }
 
 /// Relay the replies arriving on one upstream socket until it is closed;
@@ -408,7 +478,12 @@ async fn reader(
             let Some(dns) = state.as_mut() else {
                 break 'outer;
             };
-            let DnsState { table, pools, .. } = &mut *dns;
+            let DnsState {
+                table,
+                pools,
+                replies,
+                ..
+            } = &mut *dns;
             let Some(p) = pools.get_mut(pool as usize).filter(|p| p.uid == uid) else {
                 break 'outer;
             };
@@ -442,17 +517,42 @@ async fn reader(
                 }
                 set_message_id(data, q.orig_id);
                 let r = q.data;
-                let sent = svc.with_listener(r.listener, r.listener_uid, |l| {
-                    l.send(data, r.client, r.local)
+                replies.push(ToClient {
+                    listener: r.listener,
+                    listener_uid: r.listener_uid,
+                    out: SendSlot {
+                        slot: i,
+                        dst: Some(r.client),
+                        src: r.local,
+                    },
                 });
-                match sent {
-                    Some(Ok(_)) => {
+            }
+            // One `sendmmsg` per listener (in arrival order within it).
+            replies.sort_unstable_by_key(|r| (r.listener, r.listener_uid, r.out.slot));
+            for run in replies
+                .chunk_by(|a, b| (a.listener, a.listener_uid) == (b.listener, b.listener_uid))
+            {
+                let mut slots = worker.udp.slots.borrow_mut();
+                slots.clear();
+                slots.extend(run.iter().map(|r| r.out));
+                let done = |_, sent: Option<usize>| match sent {
+                    Some(len) => {
                         metrics.udp_to_client.inc(core);
-                        p.route.metrics.bytes_to_client.add(core, data.len() as u64);
+                        p.route.metrics.bytes_to_client.add(core, len as u64);
                     }
-                    _ => metrics.udp_dropped.inc(core),
+                    None => metrics.udp_dropped.inc(core),
+                };
+                if svc
+                    .with_listener(run[0].listener, run[0].listener_uid, |l| {
+                        l.send_slots(&mut batch, &mut slots, done)
+                    })
+                    .is_none()
+                {
+                    // The listener closed while the queries were out.
+                    metrics.udp_dropped.add(core, run.len() as u64);
                 }
             }
+            replies.clear();
             if drained {
                 // The last answer of a forgotten backend: close its pool
                 // (this task sees `closed` and ends).

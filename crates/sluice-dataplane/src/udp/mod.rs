@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use sluice_config::{UdpMode, UdpSettings};
 use sluice_uring::op;
-use sluice_uring::udp::{self as uudp, PktInfo, RecvBatch};
+use sluice_uring::udp::{self as uudp, PktInfo, RecvBatch, SendSlot};
 use tokio::sync::{watch, Notify};
 
 use crate::routes::ServiceRoutes;
@@ -65,6 +65,8 @@ pub(crate) struct UdpWorker {
     /// The receive buffers every UDP task of the worker reads into (one
     /// task runs at a time; the batch is never held across an await).
     batch: RefCell<RecvBatch>,
+    /// The datagrams of one `sendmmsg` from `batch` (reused likewise).
+    slots: RefCell<Vec<SendSlot>>,
     next_uid: Cell<u32>,
     last_warn: Cell<Option<Instant>>,
 }
@@ -91,6 +93,7 @@ impl UdpWorker {
         UdpWorker {
             services: RefCell::new(HashMap::new()),
             batch: RefCell::new(RecvBatch::new(BATCH, uudp::MAX_DATAGRAM)),
+            slots: RefCell::new(Vec::with_capacity(BATCH)),
             next_uid: Cell::new(1),
             last_warn: Cell::new(None),
         }
@@ -143,24 +146,25 @@ impl fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Send `data` to `client` from the address it sent to.
-    #[inline]
-    pub fn send(
+    /// Send datagrams of `batch` to clients with as few `sendmmsg` calls as
+    /// the socket allows; `done(k, sent)` learns the fate of `out[k]` (see
+    /// [`send_slots`]). The source address (`src`) is kept only on a
+    /// wildcard listener.
+    pub fn send_slots(
         &self,
-        data: &[u8],
-        client: SocketAddr,
-        local: Option<PktInfo>,
-    ) -> io::Result<usize> {
+        batch: &mut RecvBatch,
+        out: &mut [SendSlot],
+        mut done: impl FnMut(usize, Option<usize>),
+    ) {
         let socket = self.socket.borrow();
-        let Some(socket) = socket.as_ref() else {
-            return Err(io::ErrorKind::NotConnected.into());
+        let Some(fd) = socket.as_ref().map(|s| s.as_raw_fd()) else {
+            (0..out.len()).for_each(|k| done(k, None));
+            return;
         };
-        uudp::send_to(
-            socket.as_raw_fd(),
-            data,
-            Some(client),
-            if self.wildcard { local } else { None },
-        )
+        if !self.wildcard {
+            out.iter_mut().for_each(|o| o.src = None);
+        }
+        send_slots(fd, batch, out, done);
     }
 
     /// The local address a datagram with PKTINFO `dst` was sent to.
@@ -581,6 +585,42 @@ pub(crate) fn send_upstream(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     match uudp::send(fd, data) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => uudp::send(fd, data),
         r => r,
+    }
+}
+
+/// Send `out` (datagrams of `batch`) on `fd` in order, with one
+/// `sendmmsg` for all of them unless one fails; `done(k, sent)` learns the
+/// fate of `out[k]`, in order: its length when it was sent, `None` when it
+/// was not. A refused port is tried once more (the error
+/// was an earlier datagram's ICMP, cleared by reporting it, as in
+/// [`send_upstream`]); a full send buffer fails the rest; any other error
+/// fails only the datagram it names.
+pub(crate) fn send_slots(
+    fd: RawFd,
+    batch: &mut RecvBatch,
+    out: &[SendSlot],
+    mut done: impl FnMut(usize, Option<usize>),
+) {
+    let mut at = 0;
+    let mut retried = false;
+    while at < out.len() {
+        match batch.send_slots(fd, &out[at..]) {
+            Ok(n) if n > 0 => {
+                (at..at + n).for_each(|k| done(k, Some(batch.data(out[k].slot).len())));
+                at += n;
+                retried = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => retried = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                (at..out.len()).for_each(|k| done(k, None));
+                return;
+            }
+            _ => {
+                done(at, None);
+                at += 1;
+                retried = false;
+            }
+        }
     }
 }
 

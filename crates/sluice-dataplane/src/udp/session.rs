@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sluice_balance::{FlowKey, PickCtx};
 use sluice_uring::op;
-use sluice_uring::udp::{PktInfo, RecvBatch};
+use sluice_uring::udp::{PktInfo, RecvBatch, SendSlot};
 use tokio::sync::Notify;
 
 use super::flows::{Flow, FlowRef, FlowTable, Full};
@@ -216,25 +216,29 @@ async fn reader(worker: Rc<Worker>, svc: Rc<UdpService>, r: FlowRef, io: Rc<Flow
                 // The flow ended while its datagrams were queued.
                 break 'outer;
             };
+            // All of them to the client, with one `sendmmsg`.
+            let mut slots = worker.udp.slots.borrow_mut();
+            slots.clear();
             for i in 0..n {
-                let meta = batch.meta(i);
-                if meta.truncated {
+                if batch.meta(i).truncated {
                     metrics.udp_dropped.inc(core);
                     continue;
                 }
-                let data = batch.data(i);
-                match io.listener.send(data, client, io.local) {
-                    Ok(_) => {
-                        metrics.udp_to_client.inc(core);
-                        io.route
-                            .metrics
-                            .bytes_to_client
-                            .add(core, data.len() as u64);
-                        table.record_out(r, data.len(), now);
-                    }
-                    Err(_) => metrics.udp_dropped.inc(core),
-                }
+                slots.push(SendSlot {
+                    slot: i,
+                    dst: Some(client),
+                    src: io.local,
+                });
             }
+            io.listener
+                .send_slots(&mut batch, &mut slots, |_, sent| match sent {
+                    Some(len) => {
+                        metrics.udp_to_client.inc(core);
+                        io.route.metrics.bytes_to_client.add(core, len as u64);
+                        table.record_out(r, len, now);
+                    }
+                    None => metrics.udp_dropped.inc(core),
+                });
             if n < batch.capacity() {
                 break;
             }
