@@ -129,9 +129,13 @@ impl std::fmt::Debug for PumpError {
     }
 }
 
-/// Write all of `data` to a non-blocking socket.
-pub(crate) async fn write_all(dst: &TcpStream, data: &[u8]) -> io::Result<()> {
-    write_all_or_wait(dst, data, || {}).await
+/// Write all of `data` to a non-blocking socket. (Not an `async fn` of its
+/// own: a wrapping future would add its state to every connection's task.)
+pub(crate) fn write_all<'a>(
+    dst: &'a TcpStream,
+    data: &'a [u8],
+) -> impl std::future::Future<Output = io::Result<()>> + 'a {
+    write_all_or_wait(dst, data, || {})
 }
 
 /// Write all of `data` to a non-blocking socket; `before_wait` runs each
@@ -472,12 +476,27 @@ async fn converse(
         match stream.next().await {
             Recv::Data(buf, more) => {
                 let n = buf.len();
-                // When the destination is full, stop receiving before
-                // waiting, so that no more than what is on its way piles up
-                // in the ring.
-                write_all_or_wait(dst, &buf, || stream.request_cancel())
-                    .await
-                    .map_err(PumpError::Write)?;
+                // Usually all of it goes at once, without a future to poll.
+                let sent = match socket::send(dst.as_raw_fd(), &buf) {
+                    Ok(k) => k,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        0
+                    }
+                    Err(e) => return Err(PumpError::Write(e)),
+                };
+                if sent < n {
+                    // The destination is full: stop receiving before
+                    // waiting, so that no more than what is on its way
+                    // piles up in the ring.
+                    write_all_or_wait(dst, &buf[sent..], || stream.request_cancel())
+                        .await
+                        .map_err(PumpError::Write)?;
+                }
                 drop(buf);
                 count.set(count.get() + n as u64);
                 on_bytes(n as u64);
