@@ -665,14 +665,21 @@ mod tests {
         panic!("nothing received");
     }
 
-    #[test]
-    fn wildcard_socket_learns_destination_and_replies_from_it() {
+    /// A server socket on the IPv4 wildcard address (its port), and a
+    /// client on 127.0.0.1 that waits at most 2 s for a reply.
+    fn wildcard_server_and_client() -> (UdpSocket, u16, UdpSocket) {
         let server = crate::socket::udp_socket("0.0.0.0:0".parse().unwrap()).unwrap();
         let port = server.local_addr().unwrap().port();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
+        (server, port, client)
+    }
+
+    #[test]
+    fn wildcard_socket_learns_destination_and_replies_from_it() {
+        let (server, port, client) = wildcard_server_and_client();
         let to: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
         client.send_to(b"hello", to).unwrap();
 
@@ -817,12 +824,7 @@ mod tests {
 
     #[test]
     fn wildcard_batch_replies_leave_from_each_address_queried() {
-        let server = crate::socket::udp_socket("0.0.0.0:0".parse().unwrap()).unwrap();
-        let port = server.local_addr().unwrap().port();
-        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
+        let (server, port, client) = wildcard_server_and_client();
         let to: Vec<SocketAddr> = ["127.0.0.2", "127.0.0.3"]
             .iter()
             .map(|ip| format!("{ip}:{port}").parse().unwrap())
