@@ -39,11 +39,7 @@ fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize> {
             flags,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    crate::socket::syscall_len(n)
 }
 
 impl Pipe {

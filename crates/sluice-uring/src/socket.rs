@@ -90,10 +90,7 @@ pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
             libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
         )
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = fd as RawFd;
+    let fd = syscall_len(fd)? as RawFd;
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: accept4 wrote the peer's address into `storage` and its length
@@ -204,6 +201,16 @@ pub fn ready_now(
     Ok((mask(&fds[0]), mask(&fds[1])))
 }
 
+/// The result of a `syscall(2)` that returns a count (or a descriptor):
+/// the count, or the error in `errno` when it is negative.
+pub(crate) fn syscall_len(n: libc::c_long) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Send from `data` on the connected non-blocking socket `fd` without
 /// waiting (`send(2)` with `MSG_DONTWAIT | MSG_NOSIGNAL`): the bytes taken,
 /// or `WouldBlock` when there is no room. A pending socket error (for UDP,
@@ -222,11 +229,7 @@ pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
             0 as libc::socklen_t,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    syscall_len(n)
 }
 
 /// Close `fd` now (`close(2)` through `syscall(2)`, not libc's
@@ -259,9 +262,5 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
             std::ptr::null_mut::<libc::socklen_t>(),
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    syscall_len(n)
 }

@@ -216,10 +216,7 @@ impl RecvBatch {
                 std::ptr::null_mut::<libc::timespec>(),
             )
         };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.filled = n as usize;
+        self.filled = crate::socket::syscall_len(n)?;
         Ok(self.filled)
     }
 
@@ -308,11 +305,7 @@ impl RecvBatch {
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        crate::socket::syscall_len(n)
     }
 
     /// Length, source, local destination and truncation of datagram `i`.
@@ -480,11 +473,7 @@ pub fn send_to(
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    crate::socket::syscall_len(n)
 }
 
 /// Point `msg` at its destination `dst` (written into `name`; none on a
