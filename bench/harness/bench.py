@@ -78,6 +78,11 @@ def parse_args(argv):
     p.add_argument("--rr-connections", type=int, default=32, help="wrk connections (tcp_rr)")
     p.add_argument("--conn-concurrency", type=int, default=32,
                    help="connections in flight (tcp_conn)")
+    p.add_argument("--iperf3-window", default="4M", metavar="SIZE",
+                   help="iperf3 -w (tcp_bulk): fixed socket buffers on both iperf3 ends "
+                        "(default 4M, net.core.rmem_max here); 'auto' leaves them to the "
+                        "kernel's autotuning, whose outcome at the server decides a "
+                        "1-stream run's rate (docs/benchmarks.md)")
     p.add_argument("--dns-clients", type=int, default=8, help="dnsperf -c (udp_dns)")
     p.add_argument("--dns-outstanding", type=int, default=100, help="dnsperf -q (udp_dns)")
     p.add_argument("--idle-conns", type=int, default=None,
@@ -158,6 +163,13 @@ def environment(args, argv) -> dict:
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     except (OSError, ValueError, IndexError):
         pass
+    tcp = {}
+    for key in ("net/ipv4/tcp_congestion_control", "net/ipv4/tcp_rmem", "net/ipv4/tcp_wmem",
+                "net/core/rmem_max", "net/core/wmem_max"):
+        try:
+            tcp[key.rsplit("/", 1)[1]] = " ".join(Path("/proc/sys", key).read_text().split())
+        except OSError:
+            tcp[key.rsplit("/", 1)[1]] = None
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "host": platform.node(),
@@ -170,6 +182,7 @@ def environment(args, argv) -> dict:
         "sluice_binary": str(args.sluice),
         "base_sluice_binary": str(args.base_sluice) if args.base_sluice else None,
         "rustc": _cmd_out(["rustc", "--version"]),
+        "tcp_sysctls": tcp,
         "versions": versions,
         # scripts/bench.sh passes the arguments it was given (it adds
         # --sluice and --bench-bin itself).
@@ -186,6 +199,7 @@ def environment(args, argv) -> dict:
             "dns_clients": args.dns_clients,
             "dns_outstanding": args.dns_outstanding,
             "idle_conns": args.idle_conns,
+            "iperf3_window": args.iperf3_window,
         },
     }
 
@@ -262,7 +276,7 @@ def main(argv) -> int:
               opts={"rr_connections": args.rr_connections,
                     "conn_concurrency": args.conn_concurrency,
                     "dns_clients": args.dns_clients, "dns_outstanding": args.dns_outstanding,
-                    "idle_conns": args.idle_conns})
+                    "idle_conns": args.idle_conns, "iperf3_window": args.iperf3_window})
     env = environment(args, argv)
     doc = {"environment": env, "results": {}, "verdicts": [], "profiles": {}}
     results = doc["results"]

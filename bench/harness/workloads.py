@@ -111,6 +111,12 @@ class TcpBulk(Workload):
     def _iperf(self, port: int, streams: int) -> dict:
         d = self.duration
         argv = ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", str(d), "-P", str(streams), "-J"]
+        window = self.ctx.opts.get("iperf3_window") or "auto"
+        if window != "auto":
+            # Fixed buffers on both iperf3 ends (the server takes the
+            # client's): no receive autotuning at the server, whose outcome
+            # otherwise decides a 1-stream run's rate (docs/benchmarks.md).
+            argv += ["-w", window]
         last = None
         for _attempt in range(5):
             try:
