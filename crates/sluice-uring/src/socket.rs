@@ -146,6 +146,13 @@ pub fn finish_connect(stream: &TcpStream) -> io::Result<()> {
     }
 }
 
+/// Keep at most about `bytes` of not-yet-sent data queued in `stream`
+/// (`TCP_NOTSENT_LOWAT`): a write beyond it says `WouldBlock`, and the
+/// socket polls writable again once under half of it is left.
+pub fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> io::Result<()> {
+    socket2::SockRef::from(stream).set_tcp_notsent_lowat(bytes)
+}
+
 /// Shut both directions of the socket `fd` down (`shutdown(SHUT_RDWR)`):
 /// the peer gets a FIN, every poll on it completes and every read sees
 /// end-of-stream. Errors (already shut down, not connected) are ignored:
@@ -263,4 +270,26 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
         )
     };
     syscall_len(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limit lands on the socket, and a connected socket that had none
+    /// (the kernel's default is "no limit", `u32::MAX`) reports it.
+    #[test]
+    fn notsent_lowat_is_set_on_a_connected_socket() {
+        let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let before = socket2::SockRef::from(&stream).tcp_notsent_lowat().unwrap();
+        set_notsent_lowat(&stream, 1 << 20).unwrap();
+        let after = socket2::SockRef::from(&stream).tcp_notsent_lowat().unwrap();
+        assert_ne!(
+            before,
+            1 << 20,
+            "the default must differ for this to show anything"
+        );
+        assert_eq!(after, 1 << 20);
+    }
 }
