@@ -327,7 +327,6 @@ async fn pump(
     let mut small_waits = 0u32;
     let mut polls: Option<op::PollStream> = None;
     let mut splicing = mode == Mode::Splice;
-    let mut lowat_set = false;
     let auto = mode == Mode::Auto;
     match first {
         First::Read => {}
@@ -340,12 +339,10 @@ async fn pump(
             poll.await.map_err(PumpError::Read)?;
         }
     }
+    if splicing {
+        cap_unsent(dst);
+    }
     loop {
-        if splicing && !lowat_set {
-            lowat_set = true;
-            // Best effort: without it the bytes still flow, only later.
-            let _ = socket::set_notsent_lowat(dst, SPLICE_NOTSENT_LOWAT);
-        }
         let pipe = if splicing { worker.take_pipe() } else { None };
         let round = match pipe {
             Some(mut pipe) => {
@@ -437,6 +434,7 @@ async fn pump(
             Round::Eof => return end_of_stream(dst, eof, other_eof),
             Round::Bulk => {
                 splicing = true;
+                cap_unsent(dst);
                 small_waits = 0;
                 if let Some(stream) = polls.take() {
                     stream.cancel();
@@ -444,6 +442,13 @@ async fn pump(
             }
         }
     }
+}
+
+/// A direction starts splicing into `dst`: cap the bytes it may hold unsent
+/// (`SPLICE_NOTSENT_LOWAT`). Best effort: without the cap the bytes still
+/// flow, only later.
+fn cap_unsent(dst: &TcpStream) {
+    let _ = socket::set_notsent_lowat(dst, SPLICE_NOTSENT_LOWAT);
 }
 
 /// The source of a direction reached end-of-stream: pass the FIN on.
