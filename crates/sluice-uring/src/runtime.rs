@@ -8,8 +8,8 @@ use std::future::Future;
 pub fn start<F: Future>(entries: u32, fut: F) -> F::Output {
     let mut builder = tokio_uring::builder();
     builder.entries(entries);
-    if let Some(flags) = tuned_ring(entries) {
-        builder.uring_builder(&flags);
+    if let Some((flags, defer)) = tuned_ring(entries) {
+        builder.uring_builder(&flags).defer_taskrun(defer);
     }
     builder.start(fut)
 }
@@ -26,8 +26,9 @@ pub fn start<F: Future>(entries: u32, fut: F) -> F::Output {
 /// 3. No flags.
 ///
 /// Checked by building a throw-away ring, because tokio-uring panics if its
-/// ring cannot be built.
-fn tuned_ring(entries: u32) -> Option<io_uring::Builder> {
+/// ring cannot be built. The flag says whether it is the first (the patched
+/// driver then keeps its eventfd quiet while the worker runs).
+fn tuned_ring(entries: u32) -> Option<(io_uring::Builder, bool)> {
     let mut defer = io_uring::IoUring::builder();
     defer
         .setup_defer_taskrun()
@@ -37,7 +38,9 @@ fn tuned_ring(entries: u32) -> Option<io_uring::Builder> {
     coop.setup_coop_taskrun()
         .setup_single_issuer()
         .setup_taskrun_flag();
-    [defer, coop].into_iter().find(|b| b.build(entries).is_ok())
+    [(defer, true), (coop, false)]
+        .into_iter()
+        .find(|(b, _)| b.build(entries).is_ok())
 }
 
 /// Try to create the runtime's ring; used at start-up to fail with exit code

@@ -207,6 +207,8 @@ pub fn take_orphan_buffers() -> Vec<u16> {
 pub struct Builder {
     entries: u32,
     urb: io_uring::Builder,
+    /// sluice patch: see `Builder::defer_taskrun`.
+    defer_taskrun: bool,
 }
 
 /// Constructs a [`Builder`] with default settings.
@@ -219,6 +221,7 @@ pub fn builder() -> Builder {
     Builder {
         entries: 256,
         urb: io_uring::IoUring::builder(),
+        defer_taskrun: false,
     }
 }
 
@@ -240,6 +243,17 @@ impl Builder {
     /// Refer to the [`io_uring::Builder`] documentation for all the supported methods.
     pub fn uring_builder(&mut self, b: &io_uring::Builder) -> &mut Self {
         self.urb = b.clone();
+        self
+    }
+
+    /// sluice patch: say that the ring given to `uring_builder` is set up
+    /// with `IORING_SETUP_DEFER_TASKRUN`. On such a ring every completion
+    /// is posted by the runtime's own thread, inside its own
+    /// `io_uring_enter`, so the driver keeps the eventfd quiet while the
+    /// thread runs (PATCHES.md, fourth patch). Without it the eventfd is
+    /// always on.
+    pub fn defer_taskrun(&mut self, on: bool) -> &mut Self {
+        self.defer_taskrun = on;
         self
     }
 

@@ -41,8 +41,10 @@ impl Handle {
         })
     }
 
+    /// sluice patch: the runtime's wake-up task calls this when the eventfd
+    /// is readable (see `Driver::dispatch_woken`).
     pub(crate) fn dispatch_completions(&self) {
-        self.inner.borrow_mut().dispatch_completions()
+        self.inner.borrow_mut().dispatch_woken()
     }
 
     pub(crate) fn flush(&self) -> io::Result<()> {

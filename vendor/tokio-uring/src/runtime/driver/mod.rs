@@ -8,6 +8,7 @@ use slab::Slab;
 use std::cell::RefCell;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic;
 use std::task::{Context, Poll};
 use std::{io, mem};
 
@@ -40,6 +41,11 @@ pub(crate) struct Driver {
     /// the buffer ring takes them back with `take_orphan_buffers`. Assumes
     /// one provided-buffer group per ring.
     orphan_bufs: Vec<u16>,
+
+    /// sluice patch: the ring is set up with IORING_SETUP_DEFER_TASKRUN
+    /// (`Builder::defer_taskrun`): the eventfd may be quiet while the
+    /// runtime's thread runs, since no other thread posts completions.
+    quiet_wakeups: bool,
 }
 
 /// sluice patch: note the provided buffer a completion nobody takes carries.
@@ -77,6 +83,7 @@ impl Driver {
             fixed_buffers: None,
             eventfd,
             orphan_bufs: Vec::new(),
+            quiet_wakeups: b.defer_taskrun,
         })
     }
 
@@ -100,18 +107,57 @@ impl Driver {
         }
     }
 
-    /// sluice patch: submit what is queued and run pending task work
-    /// (io_uring_enter with GETEVENTS, never waiting), or make no system
-    /// call at all when there is neither.
+    /// sluice patch: called before the runtime parks (tokio's
+    /// `on_thread_park`).
+    ///
+    /// 1. Submit what is queued and run the task work the kernel has
+    ///    pending (io_uring_enter with GETEVENTS, never waiting), if there
+    ///    is either.
+    /// 2. If completions are ready, hand them out here. A task they wake
+    ///    makes the runtime poll again without sleeping (its check for
+    ///    pending work after this hook), and the eventfd stays quiet: the
+    ///    round trip through it (signal, `epoll_wait`, the wake-up task) is
+    ///    saved.
+    /// 3. Otherwise the runtime is about to sleep on the eventfd: turn its
+    ///    notifications back on (`dispatch_woken` turns them off while the
+    ///    worker runs). Task work the kernel queued while they were off is
+    ///    seen in `IORING_SQ_TASKRUN` and run here; its completions, posted
+    ///    with the notifications on, signal the eventfd, so the wait returns
+    ///    at once and the wake-up task hands them out.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        let (queued, taskrun, overflow) = {
-            let sq = self.uring.submission();
-            (sq.len(), sq.taskrun(), sq.cq_overflow())
-        };
-        if queued == 0 && !taskrun && !overflow {
+        if self.has_pending_work() {
+            self.submit()?;
+        }
+        if self.dispatch_cq() > 0 {
             return Ok(());
         }
-        self.submit()
+        let cq = self.uring.completion();
+        if !cq.eventfd_disabled() {
+            return Ok(());
+        }
+        cq.enable_eventfd();
+        // Pairs with the kernel's full barrier between queueing task work
+        // (which sets IORING_SQ_TASKRUN) and reading the CQ flags: either it
+        // sees the notifications on and signals the eventfd, or the load of
+        // the SQ flags below sees the task work.
+        atomic::fence(atomic::Ordering::SeqCst);
+        drop(cq);
+        // Where the kernel's `atomic_or` of IORING_SQ_TASKRUN is not itself
+        // a full barrier (it is a locked instruction on x86-64), the flag
+        // could be read before the task work queued just before the
+        // notifications came back on is seen: enter the ring anyway, which
+        // runs whatever is queued.
+        if self.has_pending_work() || !cfg!(target_arch = "x86_64") {
+            self.submit()?;
+        }
+        Ok(())
+    }
+
+    /// sluice patch: SQEs queued, task work pending, or completions waiting
+    /// in the kernel's overflow list: an io_uring_enter has work to do.
+    fn has_pending_work(&mut self) -> bool {
+        let sq = self.uring.submission();
+        sq.len() > 0 || sq.taskrun() || sq.cq_overflow()
     }
 
     // only used in tests rn
@@ -138,6 +184,18 @@ impl Driver {
         }
     }
 
+    /// sluice patch: the runtime woke up on the eventfd. The worker is awake
+    /// until it parks again (`flush` turns this back on): no eventfd
+    /// notifications meanwhile, neither for the completions posted here nor
+    /// for task work queued while it runs, which would only make its next
+    /// wait return at once.
+    pub(crate) fn dispatch_woken(&mut self) {
+        if self.quiet_wakeups {
+            self.uring.completion().disable_eventfd();
+        }
+        self.dispatch_completions();
+    }
+
     pub(crate) fn dispatch_completions(&mut self) {
         // sluice patch: with IORING_SETUP_DEFER_TASKRUN, completions are
         // posted only when the ring is entered with GETEVENTS: run the task
@@ -157,7 +215,10 @@ impl Driver {
         self.dispatch_cq();
     }
 
-    fn dispatch_cq(&mut self) {
+    /// Hand out the completions in the queue. sluice patch: returns how
+    /// many of them woke a task.
+    fn dispatch_cq(&mut self) -> usize {
+        let mut woke = 0;
         let mut cq = self.uring.completion();
         cq.sync();
 
@@ -171,12 +232,15 @@ impl Driver {
 
             let index = cqe.user_data() as _;
 
-            // sluice patch: a provided buffer nobody will take.
-            if let Some(op::Lifecycle::Ignored(_)) = self.ops.lifecycle.get(index) {
-                note_orphan(&mut self.orphan_bufs, cqe.flags());
+            match self.ops.lifecycle.get(index) {
+                // sluice patch: a provided buffer nobody will take.
+                Some(op::Lifecycle::Ignored(_)) => note_orphan(&mut self.orphan_bufs, cqe.flags()),
+                Some(op::Lifecycle::Waiting(_)) => woke += 1,
+                _ => {}
             }
             self.ops.complete(index, cqe);
         }
+        woke
     }
 
     pub(crate) fn register_buffers(
