@@ -125,12 +125,21 @@ impl Driver {
     ///    with the notifications on, signal the eventfd, so the wait returns
     ///    at once and the wake-up task hands them out.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        if self.has_pending_work() {
-            self.submit()?;
-        }
-        if self.dispatch_cq() > 0 {
+        let submitted = if self.has_pending_work() {
+            self.submit()
+        } else {
+            Ok(())
+        };
+        if self.dispatch_cq() > 0 && submitted.is_ok() {
             return Ok(());
         }
+        let notified = self.notify_before_sleep();
+        submitted.and(notified)
+    }
+
+    /// sluice patch: step 3 of `flush`, whatever happened before it: the
+    /// runtime must not sleep with the notifications off.
+    fn notify_before_sleep(&mut self) -> io::Result<()> {
         let cq = self.uring.completion();
         if !cq.eventfd_disabled() {
             return Ok(());
@@ -148,9 +157,28 @@ impl Driver {
         // notifications came back on is seen: enter the ring anyway, which
         // runs whatever is queued.
         if self.has_pending_work() || !cfg!(target_arch = "x86_64") {
-            self.submit()?;
+            if let Err(e) = self.submit() {
+                // The work stays queued and nothing would announce it:
+                // wake the runtime's wait here, so that it tries again.
+                self.signal_eventfd();
+                return Err(e);
+            }
         }
         Ok(())
+    }
+
+    /// sluice patch: make the eventfd readable from here.
+    fn signal_eventfd(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to the eventfd this driver
+        // owns. A full counter (EAGAIN) means it is readable already.
+        let _ = unsafe {
+            libc::write(
+                self.eventfd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                mem::size_of::<u64>(),
+            )
+        };
     }
 
     /// sluice patch: SQEs queued, task work pending, or completions waiting
