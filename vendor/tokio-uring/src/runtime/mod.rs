@@ -162,7 +162,7 @@ async fn drive_uring_wakes(driver: AsyncFd<driver::Handle>) {
         // Wait for read-readiness
         let mut guard = driver.readable().await.unwrap();
 
-        guard.get_inner().dispatch_completions();
+        guard.get_inner().dispatch_woken();
 
         guard.clear_ready();
     }

@@ -41,9 +41,9 @@ impl Handle {
         })
     }
 
-    /// sluice patch: the runtime's wake-up task calls this when the eventfd
-    /// is readable (see `Driver::dispatch_woken`).
-    pub(crate) fn dispatch_completions(&self) {
+    /// sluice patch (was `dispatch_completions`): the runtime's wake-up task
+    /// calls this when the eventfd is readable (see `Driver::dispatch_woken`).
+    pub(crate) fn dispatch_woken(&self) {
         self.inner.borrow_mut().dispatch_woken()
     }
 
