@@ -163,6 +163,14 @@ impl Driver {
                 self.signal_eventfd();
                 return Err(e);
             }
+            // One enter runs at most a batch of task work (20 items); the
+            // kernel sets IORING_SQ_TASKRUN again when some is left. The
+            // completions this enter posted signal the eventfd, but a batch
+            // that posted none (polls re-arming) would leave the rest
+            // unannounced until new work arrives: come back for it.
+            if self.uring.submission().taskrun() {
+                self.signal_eventfd();
+            }
         }
         Ok(())
     }
