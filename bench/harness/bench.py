@@ -204,6 +204,9 @@ def environment(args, argv) -> dict:
     }
 
 
+MIN_FREE_BYTES = 2 << 30
+
+
 def _on_signal(signum, _frame):
     raise SystemExit(128 + signum)
 
@@ -292,6 +295,14 @@ def main(argv) -> int:
     print(f"sluice bench: {env['date_utc']}, {env['cpu_model']} x{env['cpus']}, "
           f"kernel {env['kernel']}; LB on CPU {args.lb_cpu}, load on CPU {args.gen_cpu}; "
           f"{args.runs} run(s) x {args.duration}s; logs in {tmp / 'logs'}", flush=True)
+    # Configs, logs and generator output go under the temporary directory:
+    # a disk that fills up mid-run fails rows (seen once, at 14:02 on
+    # 2026-11-21), so say so before starting.
+    low = sorted({str(p) for p in (tmp, args.results_dir)
+                  if shutil.disk_usage(p).free < MIN_FREE_BYTES})
+    if low:
+        print(f"warning: less than {MIN_FREE_BYTES >> 30} GiB free under {', '.join(low)}; "
+              "rows fail if the disk fills up during the run", flush=True)
     code = 0
     try:
         if not args.profile_only:

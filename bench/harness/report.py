@@ -121,6 +121,21 @@ def _pct(a, b):
     return 100.0 * (a - b) / b if b else float("nan")
 
 
+def _ahead(results, sub, label, peer, key, higher_is_better):
+    """Run by run (rows are interleaved, so run k of both ran side by side):
+    in how many runs `label` was at least as good as `peer` on `key`, as
+    "k/n". The medians can hide that a margin is smaller than the host's
+    noise; this shows it."""
+    def by_run(lbl):
+        r = results.get(sub, {}).get(lbl) or {}
+        return {m["run"]: m[key] for m in r.get("runs", [])
+                if isinstance(m.get(key), (int, float)) and "run" in m}
+    a, b = by_run(label), by_run(peer)
+    both = sorted(set(a) & set(b))
+    wins = sum(1 for k in both if (a[k] >= b[k] if higher_is_better else a[k] <= b[k]))
+    return f"{wins}/{len(both)}"
+
+
 def verdicts(results: dict) -> list[dict]:
     out = []
 
@@ -148,6 +163,9 @@ def verdicts(results: dict) -> list[dict]:
             f"{best_lbl}: {best['gbps']:.2f} Gbit/s vs {hs['gbps']:.2f} "
             f"({_pct(best['gbps'], hs['gbps']):+.1f}%), {best['cpu_s_per_gb']:.3f} vs "
             f"{hs['cpu_s_per_gb']:.3f} s/GB ({_pct(best['cpu_s_per_gb'], hs['cpu_s_per_gb']):+.1f}%)"
+            f"; runs ahead: Gbit/s "
+            f"{_ahead(results, 'tcp_bulk/1', best_lbl, 'haproxy splice', 'gbps', True)}, "
+            f"s/GB {_ahead(results, 'tcp_bulk/1', best_lbl, 'haproxy splice', 'cpu_s_per_gb', False)}"
             f" [{others}]")
     else:
         add("tcp_bulk 1 stream", None, "not measured in this run")
@@ -159,7 +177,9 @@ def verdicts(results: dict) -> list[dict]:
         add("tcp_rr: sluice CPU/request <= haproxy, p99 no worse", ok,
             f"sluice auto {s['cpu_s_per_100k']:.2f} vs {h['cpu_s_per_100k']:.2f} s/100k req "
             f"({_pct(s['cpu_s_per_100k'], h['cpu_s_per_100k']):+.1f}%), p99 {s['p99_ms']:.3f} vs "
-            f"{h['p99_ms']:.3f} ms ({_pct(s['p99_ms'], h['p99_ms']):+.1f}%)")
+            f"{h['p99_ms']:.3f} ms ({_pct(s['p99_ms'], h['p99_ms']):+.1f}%); runs ahead: CPU "
+            f"{_ahead(results, 'tcp_rr', 'sluice auto', 'haproxy', 'cpu_s_per_100k', False)}, p99 "
+            f"{_ahead(results, 'tcp_rr', 'sluice auto', 'haproxy', 'p99_ms', False)}")
     else:
         add("tcp_rr", None, "not measured in this run")
 
@@ -169,7 +189,8 @@ def verdicts(results: dict) -> list[dict]:
         add("tcp_conn: sluice conn/s >= haproxy", s["cps"] >= h["cps"],
             f"sluice auto {s['cps']:,.0f} vs {h['cps']:,.0f} conn/s "
             f"({_pct(s['cps'], h['cps']):+.1f}%); LB CPU {s['cpu_s_per_100k']:.2f} vs "
-            f"{h['cpu_s_per_100k']:.2f} s/100k conn; p99 {s['p99_ms']:.3f} vs {h['p99_ms']:.3f} ms")
+            f"{h['cpu_s_per_100k']:.2f} s/100k conn; p99 {s['p99_ms']:.3f} vs {h['p99_ms']:.3f} ms; "
+            f"runs ahead {_ahead(results, 'tcp_conn', 'sluice auto', 'haproxy', 'cps', True)}")
     else:
         add("tcp_conn", None, "not measured in this run")
 
@@ -179,7 +200,9 @@ def verdicts(results: dict) -> list[dict]:
         ok = s["qps"] >= d["qps"] and s["lost"] == 0 and s["p99_ms"] <= d["p99_ms"]
         add("udp_dns: sluice dns >= dnsdist QPS, 0 lost, p99 no worse", ok,
             f"sluice dns {s['qps']:,.0f} vs {d['qps']:,.0f} q/s ({_pct(s['qps'], d['qps']):+.1f}%), "
-            f"lost {s['lost']:.0f}, p99 {s['p99_ms']:.3f} vs {d['p99_ms']:.3f} ms")
+            f"lost {s['lost']:.0f}, p99 {s['p99_ms']:.3f} vs {d['p99_ms']:.3f} ms; runs ahead: "
+            f"q/s {_ahead(results, 'udp_dns', 'sluice dns', 'dnsdist', 'qps', True)}, p99 "
+            f"{_ahead(results, 'udp_dns', 'sluice dns', 'dnsdist', 'p99_ms', False)}")
     else:
         add("udp_dns", None, "not measured in this run")
 
