@@ -87,6 +87,13 @@ def parse_args(argv):
     p.add_argument("--dns-outstanding", type=int, default=100, help="dnsperf -q (udp_dns)")
     p.add_argument("--idle-conns", type=int, default=None,
                    help="idle connections held (default 5000; --quick: 1000)")
+    p.add_argument("--max-steal", type=float, default=1.0, metavar="PCT",
+                   help="a measurement during which the hypervisor took more than PCT%% of "
+                        "either CPU (steal time) is discarded and taken again, for every row "
+                        "alike (default 1.0; kept in the JSON under 'discarded')")
+    p.add_argument("--steal-retries", type=int, default=2, metavar="N",
+                   help="at most N such repeats per row and run; after them the last "
+                        "measurement counts, marked 'disturbed' (default 2)")
     p.add_argument("--profile", action="store_true",
                    help="after the runs, perf-profile sluice (and count system calls of "
                         "sluice, haproxy, dnsdist) under tcp_bulk, tcp_rr, tcp_conn and "
@@ -200,6 +207,8 @@ def environment(args, argv) -> dict:
             "dns_outstanding": args.dns_outstanding,
             "idle_conns": args.idle_conns,
             "iperf3_window": args.iperf3_window,
+            "max_steal_pct": args.max_steal,
+            "steal_retries": args.steal_retries,
         },
     }
 
@@ -275,6 +284,7 @@ def main(argv) -> int:
     ctx = Ctx(reg=reg, tmp=tmp, sluice=args.sluice.resolve(), bench=args.bench_bin.resolve(),
               sluice_base=args.base_sluice.resolve() if args.base_sluice else None,
               lb_cpu=args.lb_cpu, gen_cpu=args.gen_cpu, quick=args.quick, verbose=args.verbose,
+              max_steal=args.max_steal, steal_retries=max(0, args.steal_retries),
               durations={w: args.duration for w in WORKLOADS},
               opts={"rr_connections": args.rr_connections,
                     "conn_concurrency": args.conn_concurrency,

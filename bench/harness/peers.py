@@ -33,6 +33,8 @@ class Ctx:
     gen_cpu: int
     quick: bool
     verbose: bool
+    max_steal: float = 1.0    # --max-steal: steal time (% of a CPU) that voids a measurement
+    steal_retries: int = 2    # --steal-retries
     durations: dict = field(default_factory=dict)
     opts: dict = field(default_factory=dict)
 

@@ -64,6 +64,10 @@ def _cells(sub: str, label: str, r: dict) -> list[str]:
     other = med.get("lb_cpu_other_load_pct")
     if other is not None and other >= 5:
         notes.append(f"other load on LB CPU {other:.0f}%")
+    if r.get("discarded"):
+        notes.append(f"{len(r['discarded'])} re-measured (steal)")
+    if any(m.get("disturbed") for m in r["runs"]):
+        notes.append("disturbed (steal)")
     if any(m.get("pinning_problem") for m in r["runs"]):
         notes.append("PINNING?")
     if any(m.get("warning") for m in r["runs"]) and sub != "udp_dns":
