@@ -281,7 +281,7 @@ def chart(results: dict, png: Path, workdir: Path, title: str) -> str | None:
         cmds.append(f'set title "{ttl}"')
         if not pts:
             cmds += ['set label 1 "no data" at graph 0.5,0.5 center',
-                     "plot [0:1] NaN notitle", "unset label 1"]
+                     "plot [0:1] [0:1] NaN notitle", "unset label 1"]
             continue
         dat = workdir / f"panel{i}.dat"
         dat.write_text("".join(f'"{lbl}" {v} {c}\n' for lbl, v, c in pts))
