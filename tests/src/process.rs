@@ -205,8 +205,7 @@ impl Sluice {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command
-            .spawn()
+        let mut child = spawn_retrying_busy(&mut command)
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let log = Captured::default();
         let stdout = Captured::default();
@@ -497,6 +496,25 @@ pub fn wait_output(mut child: Child, timeout: Duration, what: &str) -> Output {
         status,
         stdout: stdout.text().into_bytes(),
         stderr: stderr.text().into_bytes(),
+    }
+}
+
+/// `Command::spawn`, tried again for a moment on `ETXTBSY`. A test that
+/// has just written an executable (a fake `sluice` script) can find it
+/// "busy": another test thread forked meanwhile, and its child holds the
+/// write descriptor until it execs. That passes within milliseconds.
+fn spawn_retrying_busy(command: &mut Command) -> std::io::Result<Child> {
+    let start = Instant::now();
+    loop {
+        match command.spawn() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && start.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 

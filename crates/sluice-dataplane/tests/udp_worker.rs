@@ -304,9 +304,13 @@ fn dns_ids_are_rewritten_restored_and_extra_replies_are_orphans() {
         // The original ID is restored, the rest is the backend's reply.
         assert_eq!(&buf[..n], &as_response(&q)[..]);
     }
-    eventually("every answer and orphan counted", || {
-        lb.metrics().dns_answered.get() == base_answered + 200
-            && lb.metrics().dns_orphan_reply.get() >= 201
+    // Sends are counted once their batch's `sendmmsg` returns, which can be
+    // after the client has read the reply: wait for those counts too.
+    eventually("every answer, its send and every orphan counted", || {
+        let m = lb.metrics();
+        m.dns_answered.get() == base_answered + 200
+            && m.dns_orphan_reply.get() >= 201
+            && m.udp_to_client.get() == m.udp_to_backend.get()
     });
     assert!(
         recv_none(&c, Duration::from_millis(100)),
@@ -389,8 +393,12 @@ fn dns_bursts_from_many_clients_each_get_their_own_answers() {
         per_backend[0] > 0 && per_backend[1] > 0 && per_backend[0] + per_backend[1] == 128,
         "answers per backend: {per_backend:?}"
     );
-    eventually("every answer counted", || {
-        lb.metrics().dns_answered.get() == base + 128
+    // A reply is counted as answered when it is matched, but as sent (and
+    // its bytes) only once its batch's `sendmmsg` returns, which can be
+    // after the client has read it: wait for both.
+    eventually("every answer counted and its send too", || {
+        let m = lb.metrics();
+        m.dns_answered.get() == base + 128 && m.udp_to_client.get() + m.udp_dropped.get() == 129
     });
     let m = lb.metrics();
     assert_eq!(m.udp_to_backend.get(), 129);
