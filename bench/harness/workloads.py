@@ -465,10 +465,14 @@ def _run_row(ctx, wl, row, run, results, dead_rows, log):
                 dead_rows.add(row.label)  # it will not come up next run either
                 raise
         pin = _check_pinning(ctx, lb)
-        out = wl.measure(port, lb)
-        for _ in range(ctx.steal_retries):
+        for attempt in range(ctx.steal_retries + 1):
+            out = wl.measure(port, lb)
             steal = _steal(out)
             if steal <= ctx.max_steal:
+                break
+            if attempt == ctx.steal_retries:
+                for m in out.values():
+                    m["disturbed"] = True
                 break
             # The hypervisor took the CPUs away during the window: what was
             # measured is the host, not the row. Kept, but not counted.
@@ -477,11 +481,6 @@ def _run_row(ctx, wl, row, run, results, dead_rows, log):
                 results[sub][row.label].setdefault("discarded", []).append(m)
             log(f"  [{wl.name} run {run + 1}] {row.label:<15} discarded: steal {steal:.1f}% "
                 f"of a CPU (> {ctx.max_steal:g}%), measuring again")
-            out = wl.measure(port, lb)
-        else:
-            if _steal(out) > ctx.max_steal:
-                for m in out.values():
-                    m["disturbed"] = True
         threads = ({k: v for p in lb for k, v in thread_affinity(p.pids()).items()}
                    if lb and run == 0 else None)
         for sub, m in out.items():

@@ -504,18 +504,15 @@ pub fn wait_output(mut child: Child, timeout: Duration, what: &str) -> Output {
 /// "busy": another test thread forked meanwhile, and its child holds the
 /// write descriptor until it execs. That passes within milliseconds.
 fn spawn_retrying_busy(command: &mut Command) -> std::io::Result<Child> {
-    let start = Instant::now();
-    loop {
-        match command.spawn() {
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
-                    && start.elapsed() < Duration::from_secs(5) =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => return other,
+    let mut busy = None;
+    crate::poll_until(Duration::from_secs(5), || match command.spawn() {
+        Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+            busy = Some(e);
+            None
         }
-    }
+        other => Some(other),
+    })
+    .unwrap_or_else(|| Err(busy.take().expect("poll_until tried at least once")))
 }
 
 #[cfg(test)]
