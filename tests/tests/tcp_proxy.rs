@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use sluice_e2e::net::{self, closed_within, free_tcp_addr, read_line_within, tcp_tag};
-use sluice_e2e::tcp::{TcpEcho, TcpHashSink, TcpServer, TcpTagged};
+use sluice_e2e::tcp::{Conn, TcpEcho, TcpHashSink, TcpServer, TcpTagged};
 use sluice_e2e::{eventually, PseudoRandom, Sluice};
 use socket2::{Domain, Socket, Type};
 
@@ -630,5 +630,149 @@ fn a_conversation_with_a_slow_reader_loses_no_byte() {
         eventually(T, &format!("{mode}: sockets back to {baseline}"), || {
             lb.socket_count() <= baseline
         });
+    }
+}
+
+/// A backend that answers one request line per connection: the line is a
+/// decimal size; the reply is that many pseudo-random bytes (seeded by the
+/// size), then `finish` ends the connection.
+fn one_reply_backend(finish: fn(&Conn) -> std::io::Result<()>) -> TcpServer {
+    TcpServer::start("127.0.0.1:0".parse().unwrap(), move |conn| {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            if conn.read(&mut byte)? == 0 {
+                return Ok(());
+            }
+            line.push(byte[0]);
+        }
+        let len: usize = std::str::from_utf8(&line).unwrap().trim().parse().unwrap();
+        conn.write_all(&sluice_e2e::pseudo_random_bytes(len as u64, len))?;
+        finish(conn)
+    })
+}
+
+/// Asks for `len` bytes over a new connection and reads to the end.
+fn fetch(listen: SocketAddr, len: usize) -> (Vec<u8>, std::io::Result<()>) {
+    let mut client = TcpStream::connect(listen).unwrap();
+    client.set_read_timeout(Some(T)).unwrap();
+    client.write_all(format!("{len}\n").as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let end = client.read_to_end(&mut got).map(|_| ());
+    (got, end)
+}
+
+const REPLY_SIZES: [usize; 9] = [1, 100, 4095, 16383, 16384, 16385, 65535, 70000, 300_000];
+
+/// Connection per request, the backend closing right after its reply (as
+/// `Connection: close` HTTP servers do): sluice reads the backend's end
+/// together with the reply and sends the reply with the FIN on its last
+/// segment. Every byte arrives, then end-of-stream, whatever the reply's
+/// size relative to the read buffers, in every mode.
+#[test]
+fn reply_then_close_arrives_whole_in_every_mode() {
+    let backend = one_reply_backend(|_| Ok(()));
+    for mode in ["copy", "splice", "auto"] {
+        let listen = free_tcp_addr();
+        let _lb = Sluice::started(&service(
+            listen,
+            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
+            &[backend.addr()],
+        ));
+        for round in 0..3 {
+            for len in REPLY_SIZES {
+                let (got, end) = fetch(listen, len);
+                end.unwrap_or_else(|e| panic!("{mode}: {len} bytes, round {round}: {e}"));
+                assert!(
+                    got == sluice_e2e::pseudo_random_bytes(len as u64, len),
+                    "{mode}: {len} bytes, round {round}: got {} bytes, or other ones",
+                    got.len()
+                );
+            }
+        }
+    }
+}
+
+/// The backend-to-client direction looks for the backend's end right after
+/// a short reply; when the end is not there, the reply must go out at once,
+/// not be held back for a FIN that is not coming: the backend sends its
+/// second part only after the client has seen the first. Bytes sent with
+/// `MSG_MORE` and nothing after them wait in the kernel (about 400 ms here)
+/// before they go anyway, so a hold shows as the median wait for the first part
+/// (a loopback round trip otherwise, well under a millisecond; the bound
+/// leaves room for a loaded machine).
+#[test]
+fn a_reply_without_its_end_is_not_held_back() {
+    let backend = TcpServer::start("127.0.0.1:0".parse().unwrap(), |conn| {
+        let mut buf = [0u8; 64];
+        for part in [&b"first part\n"[..], b"second part\n"] {
+            // A line from the client, then the next part of the reply.
+            let mut line = Vec::new();
+            while !line.ends_with(b"\n") {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                line.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(part)?;
+        }
+        Ok(())
+    });
+    for mode in ["copy", "splice", "auto"] {
+        let listen = free_tcp_addr();
+        let _lb = Sluice::started(&service(
+            listen,
+            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
+            &[backend.addr()],
+        ));
+        let mut waits = Vec::new();
+        for round in 0..21 {
+            let mut client = TcpStream::connect(listen).unwrap();
+            let asked = Instant::now();
+            client.write_all(b"go\n").unwrap();
+            let first = read_line_within(&mut client, T)
+                .unwrap_or_else(|e| panic!("{mode}, round {round}: {e}"));
+            waits.push(asked.elapsed());
+            assert_eq!(first, "first part", "{mode}");
+            client.write_all(b"got it\n").unwrap();
+            let mut rest = Vec::new();
+            client.set_read_timeout(Some(T)).unwrap();
+            client.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, b"second part\n", "{mode}, round {round}");
+        }
+        waits.sort();
+        assert!(
+            waits[waits.len() / 2] < Duration::from_millis(100),
+            "{mode}: the first part was held back: waits {waits:?}"
+        );
+    }
+}
+
+/// A backend that resets the connection right after its reply: the reply
+/// still reaches the client whole before the connection ends (the reset
+/// may be what the read after the reply finds).
+#[test]
+fn reply_then_reset_still_delivers_the_reply() {
+    let backend = one_reply_backend(|conn| {
+        socket2::SockRef::from(conn.stream()).set_linger(Some(Duration::ZERO))
+    });
+    for mode in ["copy", "auto"] {
+        let listen = free_tcp_addr();
+        let _lb = Sluice::started(&service(
+            listen,
+            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
+            &[backend.addr()],
+        ));
+        for len in [10usize, 5000] {
+            for round in 0..5 {
+                let (got, _) = fetch(listen, len);
+                assert!(
+                    got == sluice_e2e::pseudo_random_bytes(len as u64, len),
+                    "{mode}: {len} bytes, round {round}: got {} bytes, or other ones",
+                    got.len()
+                );
+            }
+        }
     }
 }

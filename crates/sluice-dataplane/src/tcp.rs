@@ -448,7 +448,7 @@ async fn established(
     let backend_poll =
         || -> InFlightPoll { Box::pin(op::poll(backend.as_raw_fd(), op::READABLE | op::READ_HUP)) };
     let mut b_poll = backend_poll();
-    let mut c_poll: InFlightPoll = Box::pin(op::poll(client.as_raw_fd(), op::READABLE));
+    let mut c_poll: InFlightPoll = Box::pin(op::poll(client.as_raw_fd(), transfer::WAIT_READ));
     loop {
         tokio::select! {
             biased;

@@ -223,6 +223,18 @@ pub(crate) fn syscall_len(n: libc::c_long) -> io::Result<usize> {
 /// or `WouldBlock` when there is no room. A pending socket error (for UDP,
 /// an earlier ICMP port unreachable) is returned instead and cleared.
 pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    send_flags(fd, data, 0)
+}
+
+/// [`send`] with `MSG_MORE`: on TCP the kernel keeps a last partial
+/// segment back until more data, a `shutdown`/`close` (whose FIN then
+/// rides on that segment) or a later send without it pushes it out. Use it
+/// only when one of those follows at once.
+pub fn send_more(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    send_flags(fd, data, libc::MSG_MORE)
+}
+
+fn send_flags(fd: RawFd, data: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `data` is a valid readable buffer of `data.len()` bytes for
     // the duration of the call; a null address with length 0 is allowed.
     let n = unsafe {
@@ -231,7 +243,7 @@ pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
             fd,
             data.as_ptr(),
             data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
             std::ptr::null::<libc::sockaddr>(),
             0 as libc::socklen_t,
         )
