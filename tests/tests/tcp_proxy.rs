@@ -31,6 +31,18 @@ fn service(listen: SocketAddr, extra: &str, backends: &[SocketAddr]) -> String {
     y
 }
 
+/// sluice with one TCP service in transfer `mode`, no health checks, in
+/// front of `backend`; and the address it listens on.
+fn in_mode(mode: &str, backend: SocketAddr) -> (SocketAddr, Sluice) {
+    let listen = free_tcp_addr();
+    let lb = Sluice::started(&service(
+        listen,
+        &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
+        &[backend],
+    ));
+    (listen, lb)
+}
+
 /// An address nobody listens on (connects are refused).
 fn refused_addr() -> SocketAddr {
     free_tcp_addr()
@@ -500,12 +512,7 @@ fn emfile_in_accept_backs_off_and_recovers() {
 fn keep_alive_conversation_in_every_mode_closes_cleanly() {
     let echo = TcpEcho::start();
     for mode in ["copy", "splice", "auto"] {
-        let listen = free_tcp_addr();
-        let lb = Sluice::started(&service(
-            listen,
-            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
-            &[echo.addr()],
-        ));
+        let (listen, lb) = in_mode(mode, echo.addr());
         let baseline = lb.socket_count();
         let mut clients: Vec<TcpStream> = (0..4)
             .map(|_| TcpStream::connect(listen).unwrap())
@@ -592,12 +599,7 @@ fn a_conversation_with_a_slow_reader_loses_no_byte() {
         })
     };
     for mode in ["copy", "auto"] {
-        let listen = free_tcp_addr();
-        let lb = Sluice::started(&service(
-            listen,
-            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
-            &[backend.addr()],
-        ));
+        let (listen, lb) = in_mode(mode, backend.addr());
         let baseline = lb.socket_count();
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
@@ -673,12 +675,7 @@ const REPLY_SIZES: [usize; 9] = [1, 100, 4095, 16383, 16384, 16385, 65535, 70000
 fn reply_then_close_arrives_whole_in_every_mode() {
     let backend = one_reply_backend(|_| Ok(()));
     for mode in ["copy", "splice", "auto"] {
-        let listen = free_tcp_addr();
-        let _lb = Sluice::started(&service(
-            listen,
-            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
-            &[backend.addr()],
-        ));
+        let (listen, _lb) = in_mode(mode, backend.addr());
         for round in 0..3 {
             for len in REPLY_SIZES {
                 let (got, end) = fetch(listen, len);
@@ -720,12 +717,7 @@ fn a_reply_without_its_end_is_not_held_back() {
         Ok(())
     });
     for mode in ["copy", "splice", "auto"] {
-        let listen = free_tcp_addr();
-        let _lb = Sluice::started(&service(
-            listen,
-            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
-            &[backend.addr()],
-        ));
+        let (listen, _lb) = in_mode(mode, backend.addr());
         let mut waits = Vec::new();
         for round in 0..21 {
             let mut client = TcpStream::connect(listen).unwrap();
@@ -758,12 +750,7 @@ fn reply_then_reset_still_delivers_the_reply() {
         socket2::SockRef::from(conn.stream()).set_linger(Some(Duration::ZERO))
     });
     for mode in ["copy", "auto"] {
-        let listen = free_tcp_addr();
-        let _lb = Sluice::started(&service(
-            listen,
-            &format!("transfer: {mode}\nhealth_check: {{ kind: none }}"),
-            &[backend.addr()],
-        ));
+        let (listen, _lb) = in_mode(mode, backend.addr());
         for len in [10usize, 5000] {
             for round in 0..5 {
                 let (got, _) = fetch(listen, len);
